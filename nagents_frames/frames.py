@@ -21,10 +21,12 @@ Example::
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
+import itertools
 import sys
 import threading
-from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -40,7 +42,7 @@ from nagents_frames.types import GenerationParams
 if TYPE_CHECKING:
     from nagents_frames.store import BatchStore
 
-__all__ = ["CompletionOptions", "abatch_complete", "batch_complete", "run_sync"]
+__all__ = ["CompletionOptions", "abatch_complete", "astream_complete", "batch_complete", "run_sync"]
 
 USAGE_COLUMNS = ("prompt_tokens", "completion_tokens", "latency_s", "attempts")
 
@@ -447,6 +449,65 @@ async def abatch_complete(
     finally:
         bar.close()
     return frame.finish(outcome_arrays(outcomes, options))
+
+
+async def astream_complete(
+    batches: Iterable[pa.RecordBatch] | pa.RecordBatchReader,
+    *,
+    options: CompletionOptions,
+    store: BatchStore | str | Any | None = None,
+    job_name: str | None = None,
+    input_fingerprint: str | None = None,
+    on_outcome: Callable[[Outcome], None] | None = None,
+) -> AsyncIterator[pa.RecordBatch]:
+    """Stream record batches through the model: yields each input batch with the output columns added.
+
+    Memory stays bounded by a few chunks whatever the input size (the CLI's Parquet-to-Parquet path).
+    With a ``store`` the job is recorded and resumable; ``input_fingerprint`` identifies the input
+    (e.g. file names, sizes and modification times) so that the same run resumes the same job.
+
+    >>> # async for batch in astream_complete(reader, options=CompletionOptions(provider=p, prompt="{text}")):
+    >>> #     writer.write_batch(batch)
+    """
+    if isinstance(batches, pa.RecordBatchReader):
+        schema = batches.schema
+        source: Iterator[pa.RecordBatch] = iter(batches)
+    else:
+        source = iter(batches)
+        first = next(source, None)
+        if first is None:
+            return
+        schema = first.schema
+        source = itertools.chain([first], source)
+    plan = options.plan(schema.names)
+    _check_prompt_type(_Frame(schema.empty_table()), options)
+    if store is not None:
+        from nagents_frames.manager import stream_with_store
+
+        async for batch in stream_with_store(
+            source, plan, options, store=store, job_name=job_name, input_fingerprint=input_fingerprint,
+            on_outcome=on_outcome,
+        ):
+            yield batch
+        return
+    pending: collections.deque[pa.RecordBatch] = collections.deque()
+
+    def chunks() -> Iterator[tuple[int, dict[str, list[Any]]]]:
+        start = 0
+        for batch in source:
+            for offset in range(0, max(batch.num_rows, 1), options.chunk_size):
+                part = batch.slice(offset, options.chunk_size)
+                pending.append(part)
+                yield start + offset, {c: part.column(c).to_pylist() for c in plan.columns}
+            start += batch.num_rows
+
+    async with options.executor(on_outcome=on_outcome) as executor:
+        async for _requests, outcomes in complete_chunks(chunks(), plan, options, executor):
+            part = pending.popleft()
+            arrays = outcome_arrays(outcomes, options)
+            yield pa.RecordBatch.from_arrays(
+                [*part.columns, *arrays.values()], names=[*part.schema.names, *arrays.keys()]
+            )
 
 
 def _options(
