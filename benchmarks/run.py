@@ -28,7 +28,7 @@ import pyarrow as pa
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from nagents_frames import Provider, batch_complete  # noqa: E402
+from nagents_frames import Provider, batch_complete
 
 
 @contextlib.contextmanager

@@ -15,6 +15,7 @@ Jobs that last (the nagents job API)::
 from __future__ import annotations
 
 from nagents_frames import errors
+from nagents_frames.cost import Estimate, Price, cost_of, estimate, price_for, set_price
 from nagents_frames.errors import (
     AuthenticationError,
     ConfigurationError,
@@ -26,8 +27,11 @@ from nagents_frames.errors import (
 )
 from nagents_frames.executor import Executor, RetryPolicy, RunReport, Timeouts
 from nagents_frames.frames import abatch_complete, batch_complete
+from nagents_frames.manager import BatchManager
 from nagents_frames.providers import Provider
 from nagents_frames.ratelimit import RateLimiter
+from nagents_frames.report import JobReport, write_report
+from nagents_frames.store import BatchStore
 from nagents_frames.types import (
     BatchJob,
     BatchRequest,
@@ -43,15 +47,20 @@ __version__ = "0.1.0"
 __all__ = [
     "AuthenticationError",
     "BatchJob",
+    "BatchManager",
     "BatchRequest",
     "BatchResult",
     "BatchStatus",
+    "BatchStore",
     "ConfigurationError",
+    "Estimate",
     "Executor",
     "GenerationParams",
     "JobFailedError",
+    "JobReport",
     "JobNotFinishedError",
     "NagentsFramesError",
+    "Price",
     "Provider",
     "ProviderType",
     "RateLimitError",
@@ -64,5 +73,10 @@ __all__ = [
     "__version__",
     "abatch_complete",
     "batch_complete",
+    "cost_of",
+    "estimate",
     "errors",
+    "price_for",
+    "set_price",
+    "write_report",
 ]

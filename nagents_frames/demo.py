@@ -92,8 +92,8 @@ def main(argv: list[str] | None = None) -> int:
 
 def _has_store() -> bool:
     try:
+        import nagents_frames.manager
         import nagents_frames.store  # noqa: F401
-        import nagents_frames.manager  # noqa: F401
     except ImportError:
         return False
     return True

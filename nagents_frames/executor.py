@@ -38,7 +38,7 @@ import random
 import time
 from collections import OrderedDict, deque
 from collections.abc import AsyncIterable, AsyncIterator, Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import Any, Protocol
 
 import aiohttp
@@ -49,8 +49,9 @@ from nagents_frames.errors import (
     APIStatusError,
     APITimeoutError,
     ConfigurationError,
-    DeadlineExceededError,
+    JobCancelledError,
     MalformedResponseError,
+    PromptError,
     RequestError,
 )
 from nagents_frames.providers import Provider
@@ -63,6 +64,7 @@ __all__ = [
     "Executor",
     "ExecutorStats",
     "FatalRunError",
+    "CONGESTION_STATUSES",
     "HTTPTransport",
     "Outcome",
     "PreparedRequest",
@@ -199,8 +201,7 @@ class Outcome:
         )
 
 
-OUTCOME_SCHEMA = pa.schema(
-    [
+_OUTCOME_FIELDS: list[pa.Field[Any]] = [
         pa.field("row_index", pa.int64(), nullable=False),
         pa.field("request_id", pa.string(), nullable=False),
         pa.field("request_key", pa.string(), nullable=False),
@@ -213,14 +214,14 @@ OUTCOME_SCHEMA = pa.schema(
         pa.field("attempts", pa.int32(), nullable=False),
         pa.field("latency_s", pa.float64()),
         pa.field("finish_reason", pa.string()),
-    ]
-)
+]
+OUTCOME_SCHEMA = pa.schema(_OUTCOME_FIELDS)
 """The Arrow schema of a chunk of results, as the store writes it and the frames read it."""
 
 
 def outcomes_to_arrow(requests: Sequence[PreparedRequest], outcomes: Sequence[Outcome]) -> pa.Table:
     """One chunk's requests and outcomes as an Arrow table of :data:`OUTCOME_SCHEMA`."""
-    columns = {
+    columns: dict[str, list[Any]] = {
         "row_index": [r.index for r in requests],
         "request_id": [r.request_id for r in requests],
         "request_key": [r.key for r in requests],
@@ -237,42 +238,99 @@ def outcomes_to_arrow(requests: Sequence[PreparedRequest], outcomes: Sequence[Ou
     return pa.Table.from_pydict(columns, schema=OUTCOME_SCHEMA)
 
 
+CONGESTION_STATUSES = frozenset({429, 503, 529})
+"""Answers that mean "too much, slow down": they pause or shrink the whole executor, not just one request."""
+
+
 @dataclass
 class ExecutorStats:
-    """Running counters of one executor (mutable accumulator; see :meth:`report` for a frozen copy)."""
+    """Running counters of one executor (mutable accumulator; :meth:`report` gives a frozen copy).
+
+    ``succeeded`` / ``failed`` count rows (including rows answered from an identical request, and rows
+    that could not be sent); ``requests_sent`` counts HTTP attempts.
+    """
 
     requests_sent: int = 0
     succeeded: int = 0
     failed: int = 0
     shared: int = 0
     retries: dict[str, int] = field(default_factory=dict)
+    errors: dict[str, int] = field(default_factory=dict)
+    statuses: dict[int, int] = field(default_factory=dict)
     prompt_tokens: int = 0
     completion_tokens: int = 0
+    rate_limited: int = 0
     rate_limit_wait_s: float = 0.0
     backoff_wait_s: float = 0.0
+    deadline_exceeded: int = 0
+    cancelled: bool = False
     started_at: float = field(default_factory=time.monotonic)
+    limiter: RateLimiter | None = field(default=None, repr=False)
+    _base_pauses: int = field(default=0, repr=False)
+    _base_decreases: int = field(default=0, repr=False)
+
+    def __post_init__(self) -> None:
+        if self.limiter is not None:
+            self._base_pauses = self.limiter.pauses
+            self._base_decreases = self.limiter.decreases
+
+    def count(self, outcome: Outcome) -> None:
+        """Count one finished row."""
+        if outcome.error is None:
+            self.succeeded += 1
+        else:
+            self.failed += 1
+            kind = outcome.error_type or "Error"
+            self.errors[kind] = self.errors.get(kind, 0) + 1
 
     def report(self) -> RunReport:
-        """A frozen snapshot."""
+        """A frozen snapshot.
+
+        >>> ExecutorStats(requests_sent=3, retries={"ServerError": 2}).report().total_retries
+        2
+        """
+        limiter = self.limiter
+        min_limit = limiter.min_limit if limiter is not None else math.inf
         return RunReport(
             requests_sent=self.requests_sent,
             succeeded=self.succeeded,
             failed=self.failed,
             shared=self.shared,
             retries=dict(self.retries),
+            errors=dict(self.errors),
+            statuses=dict(self.statuses),
             prompt_tokens=self.prompt_tokens,
             completion_tokens=self.completion_tokens,
+            rate_limited=self.rate_limited,
             rate_limit_wait_s=self.rate_limit_wait_s,
             backoff_wait_s=self.backoff_wait_s,
+            pauses=(limiter.pauses - self._base_pauses) if limiter is not None else 0,
+            slowdowns=(limiter.decreases - self._base_decreases) if limiter is not None else 0,
+            min_concurrency=None if min_limit == math.inf else int(min_limit),
+            deadline_exceeded=self.deadline_exceeded,
+            cancelled=self.cancelled,
             elapsed_s=time.monotonic() - self.started_at,
         )
 
 
 @dataclass(frozen=True)
 class RunReport:
-    """What happened in a run: attempts, retries by cause, time spent waiting, tokens.
+    """What happened in a run: attempts, retries by cause, answers by status, time spent waiting, tokens.
 
-    ``retries`` maps an error type (``RateLimitError``, ``ServerError`` ...) to how many retries it caused.
+    - ``requests_sent``: HTTP attempts (first tries and retries); ``retries`` maps an error type
+      (``RateLimitError``, ``ServerError``, ``APITimeoutError`` ...) to the retries it caused.
+    - ``succeeded`` / ``failed``: rows with an answer / an error; ``errors`` counts the failed rows by
+      error type; ``shared``: rows answered from an identical request without a request of their own.
+    - ``statuses``: HTTP error statuses received (every attempt); ``rate_limited``: 429 / 503 / 529 among them.
+    - ``rate_limit_wait_s``: seconds requests were held back by budgets, server pauses and the adaptive
+      limit, or slept before retrying a 429 / overload answer; ``backoff_wait_s``: seconds slept before
+      retrying other failures (summed over requests, so it can exceed ``elapsed_s``).
+    - ``pauses``: global pauses set by ``retry-after`` / exhausted budgets; ``slowdowns``: times a 429
+      storm halved the requests in flight, down to ``min_concurrency`` at worst (``None``: never).
+    - ``deadline_exceeded``: rows that got ``DeadlineExceededError``; ``cancelled``: the run was cancelled.
+
+    >>> RunReport(retries={"RateLimitError": 3, "ServerError": 1}).total_retries
+    4
     """
 
     requests_sent: int = 0
@@ -280,16 +338,37 @@ class RunReport:
     failed: int = 0
     shared: int = 0
     retries: Mapping[str, int] = field(default_factory=dict)
+    errors: Mapping[str, int] = field(default_factory=dict)
+    statuses: Mapping[int, int] = field(default_factory=dict)
     prompt_tokens: int = 0
     completion_tokens: int = 0
+    rate_limited: int = 0
     rate_limit_wait_s: float = 0.0
     backoff_wait_s: float = 0.0
+    pauses: int = 0
+    slowdowns: int = 0
+    min_concurrency: int | None = None
+    deadline_exceeded: int = 0
+    cancelled: bool = False
     elapsed_s: float = 0.0
 
     @property
     def total_retries(self) -> int:
         """All retries, whatever their cause."""
         return sum(self.retries.values())
+
+    def as_dict(self) -> dict[str, Any]:
+        """A JSON-ready mapping (status keys as strings), as the store persists it on the job.
+
+        >>> RunReport(statuses={429: 2}).as_dict()["statuses"]
+        {'429': 2}
+        """
+        out = asdict(self)
+        out["statuses"] = {str(k): v for k, v in self.statuses.items()}
+        out["retries"] = dict(self.retries)
+        out["errors"] = dict(self.errors)
+        out["total_retries"] = self.total_retries
+        return out
 
 
 class FatalRunError(Exception):
@@ -303,7 +382,7 @@ class FatalRunError(Exception):
 class Transport(Protocol):
     """Sends an :class:`HTTPRequest` and returns the raw response; raises :class:`RequestError` subclasses."""
 
-    async def send(self, request: HTTPRequest, timeout: float) -> RawResponse:
+    async def send(self, request: HTTPRequest, timeout: float) -> RawResponse:  # noqa: ASYNC109
         """Send one request within ``timeout`` seconds."""
         ...
 
@@ -318,6 +397,8 @@ class HTTPTransport:
     def __init__(self, *, concurrency: int, timeouts: Timeouts) -> None:
         connector = aiohttp.TCPConnector(limit=0, limit_per_host=0, ttl_dns_cache=300, enable_cleanup_closed=True)
         self._timeouts = timeouts
+        # one shared object for the common case: a fresh ClientTimeout per request is measurable overhead
+        self._default_timeout = aiohttp.ClientTimeout(total=timeouts.request, sock_connect=timeouts.connect)
         self._session = aiohttp.ClientSession(
             connector=connector,
             timeout=aiohttp.ClientTimeout(total=timeouts.request, sock_connect=timeouts.connect),
@@ -326,7 +407,7 @@ class HTTPTransport:
             headers={"User-Agent": "nagents-frames"},
         )
 
-    async def send(self, request: HTTPRequest, timeout: float) -> RawResponse:
+    async def send(self, request: HTTPRequest, timeout: float) -> RawResponse:  # noqa: ASYNC109
         """POST the request; wrap every aiohttp / socket failure into our exception tree."""
         try:
             async with self._session.request(
@@ -334,7 +415,9 @@ class HTTPTransport:
                 request.url,
                 data=request.body,
                 headers=request.headers,
-                timeout=aiohttp.ClientTimeout(total=timeout, sock_connect=self._timeouts.connect),
+                timeout=self._default_timeout
+                if timeout == self._timeouts.request
+                else aiohttp.ClientTimeout(total=timeout, sock_connect=self._timeouts.connect),
             ) as resp:
                 body = await resp.read()
                 return RawResponse(resp.status, resp.headers, body)
@@ -344,7 +427,7 @@ class HTTPTransport:
             raise MalformedResponseError(f"response body was cut off: {type(exc).__name__}") from exc
         except aiohttp.ClientResponseError as exc:
             raise MalformedResponseError(f"unreadable HTTP response: {exc.message}") from exc
-        except (aiohttp.ClientError, OSError) as exc:
+        except (aiohttp.ClientError, OSError, EOFError) as exc:
             raise APIConnectionError(f"{type(exc).__name__}: {exc}") from exc
 
     async def aclose(self) -> None:
@@ -373,6 +456,10 @@ class _Chunk:
 _ChunkSource = Iterable[Sequence[PreparedRequest]] | AsyncIterable[Sequence[PreparedRequest]]
 
 
+class _Cancelled(Exception):
+    """Internal: the executor was cancelled before this request could be sent."""
+
+
 class Executor:
     """Sends requests for one provider with bounded concurrency, budgets, timeouts and retries.
 
@@ -381,16 +468,20 @@ class Executor:
 
     Args:
         provider: the endpoint to call.
-        concurrency: requests in flight at most.
+        concurrency: requests in flight at most (a 429 storm lowers it for a while; see :class:`RateLimiter`).
         retry: the :class:`RetryPolicy`.
         timeouts: connect / per-request :class:`Timeouts`.
         rpm, tpm: request and token budgets per minute (``None``: only the server's signals apply).
         limiter: a :class:`RateLimiter` to share between executors (overrides ``rpm`` / ``tpm``).
-        deadline: seconds for the whole run; requests not answered by then get a
-            ``DeadlineExceededError`` row error.
+        deadline: seconds for the whole run, counted from entering the executor; requests not answered
+            by then get a ``DeadlineExceededError`` row error (requests in flight are cut short).
         params: generation parameters for this run (layered over the provider's).
         dedupe_cache: how many finished answers are remembered to serve identical later requests.
         on_outcome: called with ``(outcome)`` for each finished row (progress bars).
+        validate: called with each answer's text; raising a :class:`RequestError` (e.g.
+            ``ResponseValidationError``) makes it that row's error (structured outputs).
+
+    ``stats`` counts what happened; ``stats.report()`` is a frozen :class:`RunReport`.
     """
 
     def __init__(
@@ -408,29 +499,38 @@ class Executor:
         dedupe_cache: int = 100_000,
         on_outcome: Callable[[Outcome], None] | None = None,
         transport: Transport | None = None,
+        validate: Callable[[str], object] | None = None,
     ) -> None:
         if not isinstance(concurrency, int) or isinstance(concurrency, bool) or concurrency < 1:
             raise ConfigurationError(f"concurrency must be a positive integer, got {concurrency!r}")
-        if deadline is not None and deadline <= 0:
+        if deadline is not None and (
+            isinstance(deadline, bool) or not isinstance(deadline, int | float) or not deadline > 0
+        ):
             raise ConfigurationError(f"deadline must be positive seconds, got {deadline!r}")
         self.provider = provider
         self.concurrency = concurrency
         self.retry = retry or RetryPolicy()
         self.timeouts = timeouts or Timeouts()
         self.limiter = limiter or RateLimiter(rpm=rpm, tpm=tpm)
+        self.limiter.expect_concurrency(concurrency)
         self.deadline = deadline
         self.params = provider.params.merged(params)
-        self.stats = ExecutorStats()
+        self.stats = ExecutorStats(limiter=self.limiter)
         self._adapter = provider.adapter
         self._transport = transport
         self._owns_transport = transport is None
         self._dedupe_cache = dedupe_cache
         self._on_outcome = on_outcome
-        self._count_tokens = self.limiter.tpm is not None
+        self._validate = validate
         self._deadline_at: float | None = None
         self._opened = asyncio.Event()
-        self._probe = asyncio.Semaphore(min(2, concurrency))
+        self._probe_limit = min(2, concurrency)
+        self._probes = 0
+        self._probe_waiters: deque[asyncio.Future[None]] = deque()
         self._cancelled = False
+        self._fatal: RequestError | None = None
+        self._wake: asyncio.Event | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
 
     async def __aenter__(self) -> Executor:
         if self._transport is None:
@@ -441,6 +541,7 @@ class Executor:
                 self._transport = HTTPTransport(concurrency=self.concurrency, timeouts=self.timeouts)
         if self.deadline is not None and self._deadline_at is None:
             self._deadline_at = time.monotonic() + self.deadline
+        self._loop = asyncio.get_running_loop()
         return self
 
     async def __aexit__(self, *exc: object) -> None:
@@ -449,8 +550,23 @@ class Executor:
             self._transport = None
 
     def cancel(self) -> None:
-        """Stop sending: no new request leaves after this (in-flight ones finish)."""
+        """Stop sending: no request leaves after this; :meth:`run` yields what is complete and returns.
+
+        Safe to call from another thread. Requests in flight at that moment are abandoned.
+        """
         self._cancelled = True
+        self.stats.cancelled = True
+        wake, loop = self._wake, self._loop
+        if wake is None or loop is None or loop.is_closed():
+            return
+        try:
+            running = asyncio.get_running_loop()
+        except RuntimeError:
+            running = None
+        if running is loop:
+            wake.set()
+        else:
+            loop.call_soon_threadsafe(wake.set)
 
     @property
     def cancelled(self) -> bool:
@@ -460,47 +576,57 @@ class Executor:
     async def complete(
         self, messages: Sequence[Message], params: GenerationParams | None = None
     ) -> Outcome:
-        """Send one request (with retries) and return its outcome; fatal errors are raised."""
+        """Send one request (with retries) and return its outcome; fatal errors are raised.
+
+        Raises :class:`~nagents_frames.errors.JobCancelledError` after :meth:`cancel`.
+        """
         request = PreparedRequest(0, "0", "", tuple(messages), params)
         try:
-            return await self._execute(request)
+            outcome = await self._execute(request)
         except FatalRunError as exc:
             raise exc.error from None
+        except _Cancelled:
+            raise JobCancelledError("the executor was cancelled") from None
+        self.stats.count(outcome)
+        return outcome
 
-    async def run(self, chunks: _ChunkSource, *, window: int | None = None) -> AsyncIterator[
-        tuple[Sequence[PreparedRequest], list[Outcome]]
-    ]:
+    async def run(
+        self, chunks: _ChunkSource, *, window: int | None = None, keep_partial: bool = False
+    ) -> AsyncIterator[tuple[Sequence[PreparedRequest], list[Outcome]]]:
         """Process ``chunks`` and yield ``(chunk, outcomes)`` in input order as each chunk completes.
 
         A fatal error (bad credentials, unknown model) is raised here, after at most a couple of requests.
-        Closing the iterator (or cancelling its task) stops sending at once.
+        After :meth:`cancel` no request leaves; the chunks already complete are yielded, then, with
+        ``keep_partial``, the rows of unfinished chunks that do have an outcome (as shorter
+        ``(requests, outcomes)`` pairs), and the iterator ends. Closing the iterator (or cancelling its
+        task, e.g. Ctrl-C) stops sending at once.
         """
         if self._transport is None:
             raise RuntimeError("use the Executor as 'async with Executor(...) as ex:'")
-        queue: asyncio.Queue[tuple[_Chunk, int, PreparedRequest] | None] = asyncio.Queue(
-            maxsize=self.concurrency * 2
-        )
+        queue: asyncio.Queue[tuple[_Chunk, int, PreparedRequest]] = asyncio.Queue(maxsize=self.concurrency * 2)
         ordered: deque[_Chunk] = deque()
-        ready = asyncio.Condition()
-        state: dict[str, Any] = {"fed": False, "fatal": None}
+        wake = asyncio.Event()
+        self._wake = wake
+        self._loop = asyncio.get_running_loop()
+        fed = False
+        fatal: BaseException | None = None
         inflight: dict[str, list[tuple[_Chunk, int]]] = {}
         finished: OrderedDict[str, Outcome] = OrderedDict()
         window_slots = asyncio.Semaphore(window or 2)
         sized = window is not None
-
-        async def notify() -> None:
-            async with ready:
-                ready.notify_all()
+        stats = self.stats
+        on_outcome = self._on_outcome
 
         def settle(chunk: _Chunk, position: int, outcome: Outcome) -> None:
             chunk.settle(position, outcome)
-            if self._on_outcome is not None:
-                self._on_outcome(outcome)
+            stats.count(outcome)
+            if on_outcome is not None:
+                on_outcome(outcome)
             if chunk.remaining == 0:
-                asyncio.get_running_loop().create_task(notify())
+                wake.set()
 
         async def feed() -> None:
-            nonlocal window_slots, sized
+            nonlocal window_slots, sized, fed
             async for requests in _aiter(chunks):
                 if not sized:
                     # enough chunks in flight that the queue never runs dry at a chunk boundary
@@ -508,159 +634,276 @@ class Executor:
                     window_slots = asyncio.Semaphore(max(2, math.ceil(2 * self.concurrency / per) + 1))
                     sized = True
                 await window_slots.acquire()
+                if self._cancelled:
+                    return
                 chunk = _Chunk(requests)
                 ordered.append(chunk)
-                await notify()
+                wake.set()
                 for position, request in enumerate(requests):
                     if self._cancelled:
                         return
                     if request.error is not None:
                         settle(chunk, position, Outcome.failure(request.error))
                         continue
-                    cached = finished.get(request.key) if request.key else None
-                    if cached is not None:
-                        self.stats.shared += 1
-                        settle(chunk, position, cached.shared())
-                        continue
-                    waiters = inflight.get(request.key) if request.key else None
-                    if waiters is not None:
-                        waiters.append((chunk, position))
-                        continue
-                    if request.key:
-                        inflight[request.key] = []
+                    key = request.key
+                    if key:
+                        cached = finished.get(key)
+                        if cached is not None:
+                            stats.shared += 1
+                            settle(chunk, position, cached.shared())
+                            continue
+                        waiters = inflight.get(key)
+                        if waiters is not None:
+                            waiters.append((chunk, position))
+                            continue
+                        inflight[key] = []
                     await queue.put((chunk, position, request))
-            state["fed"] = True
-            await notify()
+            fed = True
+            wake.set()
 
         async def work() -> None:
+            nonlocal fatal
             while True:
-                item = await queue.get()
-                if item is None:
-                    return
-                chunk, position, request = item
+                chunk, position, request = await queue.get()
                 if self._cancelled:
                     continue
                 try:
                     outcome = await self._execute(request)
+                    settle(chunk, position, outcome)
+                    if request.key:
+                        for other_chunk, other_position in inflight.pop(request.key, ()):
+                            stats.shared += 1
+                            settle(other_chunk, other_position, outcome.shared())
+                        if self._dedupe_cache:
+                            finished[request.key] = outcome
+                            if len(finished) > self._dedupe_cache:
+                                finished.popitem(last=False)
+                except _Cancelled:
+                    continue
                 except FatalRunError as exc:
-                    state["fatal"] = exc.error
-                    await notify()
+                    fatal = fatal or exc.error
+                    wake.set()
                     return
-                except Exception as exc:  # a bug must surface, not leave its chunk waiting forever
-                    state["fatal"] = exc
-                    await notify()
+                except Exception as exc:  # a bug (ours, or an on_outcome callback's) must surface, not hang
+                    fatal = fatal or exc
+                    wake.set()
                     return
-                settle(chunk, position, outcome)
-                if request.key:
-                    for other_chunk, other_position in inflight.pop(request.key, ()):
-                        self.stats.shared += 1
-                        settle(other_chunk, other_position, outcome.shared())
-                    if self._dedupe_cache:
-                        finished[request.key] = outcome
-                        if len(finished) > self._dedupe_cache:
-                            finished.popitem(last=False)
 
         feeder = asyncio.create_task(feed())
+        feeder.add_done_callback(lambda _task: wake.set())
         workers = [asyncio.create_task(work()) for _ in range(self.concurrency)]
         try:
             while True:
-                async with ready:
-                    await ready.wait_for(
-                        lambda: state["fatal"] is not None
-                        or (bool(ordered) and ordered[0].done.is_set())
-                        or (state["fed"] and not ordered)
-                        or (feeder.done() and not state["fed"])
-                        or self._cancelled
-                    )
-                if state["fatal"] is not None:
-                    raise state["fatal"]
-                if feeder.done() and not state["fed"] and not self._cancelled:
-                    feeder.result()  # re-raise an error of the chunk source
+                if fatal is not None:
+                    raise fatal
                 if ordered and ordered[0].done.is_set():
                     chunk = ordered.popleft()
                     window_slots.release()
                     yield chunk.requests, [o for o in chunk.outcomes if o is not None]
                     continue
-                if self._cancelled or (state["fed"] and not ordered):
+                if self._cancelled:
+                    if keep_partial:
+                        while ordered:
+                            chunk = ordered.popleft()
+                            kept = [i for i, o in enumerate(chunk.outcomes) if o is not None]
+                            if kept:
+                                yield [chunk.requests[i] for i in kept], [
+                                    o for o in chunk.outcomes if o is not None
+                                ]
                     return
+                if fed and not ordered:
+                    return
+                if feeder.done() and not fed:
+                    feeder.result()  # re-raise an error of the chunk source
+                    return  # the feeder stopped without finishing: only cancellation does that
+                wake.clear()
+                await wake.wait()
         finally:
+            self._wake = None
             feeder.cancel()
             for w in workers:
                 w.cancel()
             await asyncio.gather(feeder, *workers, return_exceptions=True)
 
+    def _deadline_outcome(self, attempts: int, started: float, last: RequestError | None) -> Outcome:
+        self.stats.deadline_exceeded += 1
+        message = f"the job's deadline of {self.deadline:g}s passed before this request was answered"
+        if last is not None:
+            message += f" (last error: {last.cell()})"
+        return Outcome(
+            error=f"DeadlineExceededError: {self.provider.redact(message)}",
+            error_type="DeadlineExceededError",
+            status_code=last.status_code if last is not None else None,
+            attempts=attempts,
+            latency_s=time.monotonic() - started,
+        )
+
+    async def _enter_probe(self) -> bool:
+        """Until the first non-fatal answer only ``_probe_limit`` requests are in flight, so bad credentials
+        or an unknown model end the run after a couple of requests. True: this request holds a probe slot."""
+        while not self._opened.is_set():
+            if self._probes < self._probe_limit:
+                self._probes += 1
+                return True
+            waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+            self._probe_waiters.append(waiter)
+            try:
+                await waiter
+            finally:
+                if not waiter.done():
+                    waiter.cancel()
+        return False
+
+    def _exit_probe(self) -> None:
+        self._probes -= 1
+        while self._probe_waiters:
+            waiter = self._probe_waiters.popleft()
+            if not waiter.done():
+                waiter.set_result(None)
+                break
+
+    def _open(self) -> None:
+        """The server gave a non-fatal answer: let every waiting request go."""
+        if self._opened.is_set():
+            return
+        self._opened.set()
+        while self._probe_waiters:
+            waiter = self._probe_waiters.popleft()
+            if not waiter.done():
+                waiter.set_result(None)
+
     async def _execute(self, request: PreparedRequest) -> Outcome:
-        """One request with retries. Raises :class:`FatalRunError` for job-ending errors."""
+        """One request with retries. Raises :class:`FatalRunError` for job-ending errors and
+        :class:`_Cancelled` when the executor is cancelled before the request could leave."""
         params = self.params if request.params is None else self.params.merged(request.params)
         messages = request.messages or ()
-        http = self._adapter.build_request(self.provider, messages, params)
-        estimate = estimate_tokens(messages, params.max_tokens) if self._count_tokens else 0
+        try:
+            http = self._adapter.build_request(self.provider, messages, params)
+        except RequestError as error:
+            return Outcome.failure(_redacted(self.provider, error))
+        except (ValueError, TypeError, UnicodeError) as exc:
+            # e.g. lone surrogates or unserialisable values in a messages column: this row cannot be sent
+            return Outcome.failure(PromptError(f"cannot build the request: {type(exc).__name__}: {exc}"))
+        limiter = self.limiter
+        estimate = estimate_tokens(messages, params.max_tokens) if limiter.counts_tokens else 0
         transport = self._transport
         assert transport is not None
+        policy = self.retry
+        stats = self.stats
+        deadline_at = self._deadline_at
         started = time.monotonic()
         attempt = 0
-        stats = self.stats
+        last: RequestError | None = None
         while True:
-            attempt += 1
-            timeout = self.timeouts.request
-            if self._deadline_at is not None:
-                timeout = min(timeout, self._deadline_at - time.monotonic())
-                if timeout <= 0:
-                    stats.failed += 1
-                    error = DeadlineExceededError("the job's deadline passed before this request was answered")
-                    return Outcome(
-                        error=f"DeadlineExceededError: {error}",
-                        error_type="DeadlineExceededError",
-                        attempts=attempt - 1,
-                        latency_s=time.monotonic() - started,
-                    )
-            stats.rate_limit_wait_s += await self.limiter.acquire(estimate)
-            probing = not self._opened.is_set()
-            if probing:
-                await self._probe.acquire()
+            if self._fatal is not None:
+                raise FatalRunError(self._fatal)
+            if self._cancelled:
+                raise _Cancelled
+            # the probe comes before the budgets, so requests held by it are paced by what the first
+            # answers teach the limiter (announced limits), not released all at once
+            probing = await self._enter_probe() if not self._opened.is_set() else False
             try:
+                timeout = self.timeouts.request
+                if deadline_at is None:
+                    stats.rate_limit_wait_s += await limiter.acquire(estimate)
+                else:
+                    waiting_since = time.monotonic()
+                    if deadline_at <= waiting_since:
+                        return self._deadline_outcome(attempt, started, last)
+                    try:
+                        stats.rate_limit_wait_s += await limiter.acquire(estimate, until=deadline_at)
+                    except TimeoutError:
+                        stats.rate_limit_wait_s += time.monotonic() - waiting_since
+                        return self._deadline_outcome(attempt, started, last)
+                    timeout = min(timeout, deadline_at - time.monotonic())
+            except BaseException:
+                if probing:
+                    self._exit_probe()
+                raise
+            epoch = limiter.epoch
+            congested = False
+            retry_after: float | None = None
+            try:
+                if self._fatal is not None:
+                    raise FatalRunError(self._fatal)
+                if self._cancelled:
+                    raise _Cancelled
+                if timeout <= 0:
+                    return self._deadline_outcome(attempt, started, last)
+                attempt += 1
                 stats.requests_sent += 1
                 try:
                     raw = await transport.send(http, timeout)
-                    self.limiter.observe(parse_rate_limit_headers(raw.headers))
-                    completion = self._adapter.parse_response(raw.status, raw.headers, raw.body)
+                    if raw.status in CONGESTION_STATUSES:
+                        congested = True
+                    limiter.observe(parse_rate_limit_headers(raw.headers))
+                    try:
+                        completion = self._adapter.parse_response(raw.status, raw.headers, raw.body)
+                    except (ValueError, KeyError, IndexError, TypeError, AttributeError) as exc:
+                        # an adapter tripping over an odd body is a malformed response, not a crash
+                        raise MalformedResponseError(
+                            f"unexpected response shape ({type(exc).__name__}: {exc})"
+                        ) from exc
+                    if self._validate is not None:
+                        # structured outputs: an answer that does not match is this row's error
+                        self._validate(completion.text)
                 except RequestError as error:
+                    error = _redacted(self.provider, error)
+                    status = error.status_code
+                    if status is not None:
+                        stats.statuses[status] = stats.statuses.get(status, 0) + 1
                     if error.fatal:
-                        raise FatalRunError(_redacted(self.provider, error)) from error
-                    self._opened.set()
-                    if self.retry.should_retry(error, attempt):
-                        cause = error.type_name
-                        stats.retries[cause] = stats.retries.get(cause, 0) + 1
-                        delay = self.retry.delay(attempt, error)
-                        retry_after = getattr(error, "retry_after", None)
-                        if retry_after is not None:
-                            self.limiter.pause(delay)
-                        stats.backoff_wait_s += delay
-                        await asyncio.sleep(delay)
-                        continue
-                    stats.failed += 1
-                    return Outcome.failure(
-                        _redacted(self.provider, error), attempts=attempt, latency_s=time.monotonic() - started
-                    )
+                        if self._fatal is None:
+                            self._fatal = error
+                        raise FatalRunError(error) from None
+                    self._open()
+                    last = error
+                    if congested:
+                        stats.rate_limited += 1
+                    retry_after = getattr(error, "retry_after", None)
+                    if not policy.should_retry(error, attempt):
+                        return Outcome.failure(error, attempts=attempt, latency_s=time.monotonic() - started)
+                    cause = error.type_name
+                    stats.retries[cause] = stats.retries.get(cause, 0) + 1
+                    delay = policy.delay(attempt, error)
+                    if deadline_at is not None:
+                        delay = min(delay, max(deadline_at - time.monotonic(), 0.0))
+                else:
+                    break
             finally:
                 if probing:
-                    self._probe.release()
-            self._opened.set()
-            stats.succeeded += 1
-            usage = completion.usage
-            if usage is not None:
-                stats.prompt_tokens += usage.prompt_tokens
-                stats.completion_tokens += usage.completion_tokens
-                if self._count_tokens:
-                    self.limiter.record_usage(estimate, usage.total_tokens)
-            return Outcome(
-                response=completion.text,
-                prompt_tokens=usage.prompt_tokens if usage else None,
-                completion_tokens=usage.completion_tokens if usage else None,
-                attempts=attempt,
-                latency_s=time.monotonic() - started,
-                finish_reason=completion.finish_reason,
-            )
+                    self._exit_probe()
+                decreases = limiter.decreases
+                limiter.release(congested=congested, epoch=epoch)
+                if congested:
+                    if retry_after is not None:
+                        # the server said when: everybody waits, not just this request
+                        limiter.pause(min(float(retry_after), policy.max_retry_after))
+                    elif limiter.decreases > decreases:
+                        # a fresh 429 without guidance: everybody takes one short jittered breath, so the
+                        # rate drops too (fewer requests in flight alone does not slow a fast server)
+                        limiter.pause(policy.backoff(1))
+            if delay > 0:
+                if congested:
+                    stats.rate_limit_wait_s += delay
+                else:
+                    stats.backoff_wait_s += delay
+                await asyncio.sleep(delay)
+        self._open()
+        usage = completion.usage
+        if usage is not None:
+            stats.prompt_tokens += usage.prompt_tokens
+            stats.completion_tokens += usage.completion_tokens
+            if estimate:
+                limiter.record_usage(estimate, usage.total_tokens)
+        return Outcome(
+            response=completion.text,
+            prompt_tokens=usage.prompt_tokens if usage else None,
+            completion_tokens=usage.completion_tokens if usage else None,
+            attempts=attempt,
+            latency_s=time.monotonic() - started,
+            finish_reason=completion.finish_reason,
+        )
 
 
 def _redacted(provider: Provider, error: RequestError) -> RequestError:

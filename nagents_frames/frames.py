@@ -75,8 +75,19 @@ class CompletionOptions:
     chunk_size: int = 1000
     max_prompt_chars: int = DEFAULT_MAX_PROMPT_CHARS
     progress: bool | None = None
+    response_format: Any = None
+    """Structured outputs: a JSON schema, pydantic model or :class:`~nagents_frames.structured.ResponseFormat`
+    (compiled to the latter here)."""
+    expand: bool = False
+    """With ``response_format``: one column per top-level field instead of one struct column."""
 
     def __post_init__(self) -> None:
+        if self.response_format is not None:
+            from nagents_frames.structured import response_format_from
+
+            object.__setattr__(self, "response_format", response_format_from(self.response_format, expand=self.expand))
+        elif self.expand:
+            raise ConfigurationError("expand=True needs a response_format")
         if not isinstance(self.provider, Provider):
             raise ConfigurationError(f"provider must be a nagents_frames.Provider, got {type(self.provider).__name__}")
         if not isinstance(self.concurrency, int) or isinstance(self.concurrency, bool) or self.concurrency < 1:
@@ -91,7 +102,10 @@ class CompletionOptions:
 
     def output_columns(self) -> tuple[str, ...]:
         """The columns added to the input."""
-        return (self.response_column, self.error_column, *(USAGE_COLUMNS if self.usage else ()))
+        answer: tuple[str, ...] = (self.response_column,)
+        if self.response_format is not None:
+            answer = self.response_format.output_names(self.response_column)
+        return (*answer, self.error_column, *(USAGE_COLUMNS if self.usage else ()))
 
     def plan(self, columns: Sequence[str]) -> PromptPlan:
         """The prompt plan for a table with these columns (validates before anything is sent)."""
@@ -114,6 +128,14 @@ class CompletionOptions:
 
     def executor(self, *, on_outcome: Callable[[Outcome], None] | None = None, limiter: RateLimiter | None = None) -> Executor:
         """An executor configured from these options."""
+        params = self.params
+        validate = None
+        if self.response_format is not None:
+            # the schema goes into the request (and so into the request key), answers are checked on arrival
+            params = (params or GenerationParams()).merged(
+                GenerationParams(response_format=self.response_format.request_format())
+            )
+            validate = self.response_format.validate
         return Executor(
             self.provider,
             concurrency=self.concurrency,
@@ -123,8 +145,9 @@ class CompletionOptions:
             tpm=self.tpm,
             limiter=limiter,
             deadline=self.deadline,
-            params=self.params,
+            params=params,
             on_outcome=on_outcome,
+            validate=validate,
         )
 
 
@@ -246,7 +269,11 @@ def _pandas_missing(pd: Any, value: Any) -> bool:
 def _pandas_nullable(dtype: pa.DataType) -> str:
     if pa.types.is_integer(dtype):
         return "Int64" if dtype.bit_width == 64 else "Int32"
-    return "Float64"
+    if pa.types.is_floating(dtype):
+        return "Float64"
+    if pa.types.is_boolean(dtype):
+        return "boolean"
+    return "object"  # structured outputs: dicts and lists
 
 
 class _ReaderFrame(_Frame):
@@ -342,10 +369,12 @@ async def complete_chunks(
 
 def outcome_arrays(outcomes: Sequence[Outcome], options: CompletionOptions) -> dict[str, pa.Array]:
     """The columns added to the input for these outcomes (in order)."""
-    arrays: dict[str, pa.Array] = {
-        options.response_column: pa.array([o.response for o in outcomes], type=pa.string()),
-        options.error_column: pa.array([o.error for o in outcomes], type=pa.string()),
-    }
+    responses = [o.response for o in outcomes]
+    if options.response_format is not None:
+        arrays: dict[str, pa.Array] = options.response_format.columns(responses, options.response_column)
+    else:
+        arrays = {options.response_column: pa.array(responses, type=pa.string())}
+    arrays[options.error_column] = pa.array([o.error for o in outcomes], type=pa.string())
     if options.usage:
         arrays["prompt_tokens"] = pa.array([o.prompt_tokens for o in outcomes], type=pa.int64())
         arrays["completion_tokens"] = pa.array([o.completion_tokens for o in outcomes], type=pa.int64())
@@ -419,6 +448,8 @@ async def abatch_complete(
     progress: bool | None = None,
     store: BatchStore | str | Any | None = None,
     job_name: str | None = None,
+    response_format: Any = None,
+    expand: bool = False,
 ) -> Any:
     """Async twin of :func:`batch_complete` (same arguments, awaited in a running event loop).
 
@@ -429,7 +460,7 @@ async def abatch_complete(
     options = _options(
         provider, prompt, prompt_column, system, examples, param_columns, id_column, response_column,
         error_column, usage, concurrency, rpm, tpm, retry, timeouts, deadline, temperature, max_tokens,
-        top_p, stop, seed, params, chunk_size, max_prompt_chars, progress,
+        top_p, stop, seed, params, chunk_size, max_prompt_chars, progress, response_format, expand,
     )
     plan = options.plan(frame.columns)
     _check_prompt_type(frame, options)
@@ -488,6 +519,8 @@ async def astream_complete(
             source, plan, options, store=store, job_name=job_name, input_fingerprint=input_fingerprint,
             on_outcome=on_outcome,
         ):
+            if options.response_format is not None:
+                batch = options.response_format.convert_batch(batch, options.response_column)
             yield batch
         return
     pending: collections.deque[pa.RecordBatch] = collections.deque()
@@ -536,6 +569,8 @@ def _options(
     chunk_size: int,
     max_prompt_chars: int,
     progress: bool | None,
+    response_format: Any = None,
+    expand: bool = False,
 ) -> CompletionOptions:
     if max_tokens is not None and max_tokens <= 0:
         raise ConfigurationError(f"max_tokens must be positive, got {max_tokens}")
@@ -557,7 +592,7 @@ def _options(
         param_columns=param_columns, id_column=id_column, response_column=response_column,
         error_column=error_column, usage=usage, concurrency=concurrency, rpm=rpm, tpm=tpm, retry=retry,
         timeouts=timeouts, deadline=deadline, params=call, chunk_size=chunk_size,
-        max_prompt_chars=max_prompt_chars, progress=progress,
+        max_prompt_chars=max_prompt_chars, progress=progress, response_format=response_format, expand=expand,
     )
 
 
@@ -580,6 +615,10 @@ def batch_complete(data: Any, **kwargs: Any) -> Any:
         progress: show a progress bar (default: when on a terminal or in a notebook).
         store, job_name: a :class:`~nagents_frames.BatchStore` (or path) that records the job; calling
             again with the same input, prompt and model resumes it without paying twice.
+        response_format: structured outputs: a JSON schema dict or a pydantic model class. The provider's
+            structured-output mode is used, each answer is validated (a mismatch is that row's
+            ``ResponseValidationError``) and ``response`` becomes a typed struct column; with
+            ``expand=True`` one column per top-level field instead (see :mod:`nagents_frames.structured`).
 
     A row that fails has its ``error`` cell set (error type, HTTP status, the server's message); the
     table never fails for one row. Bad arguments raise a typed

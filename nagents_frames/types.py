@@ -31,7 +31,7 @@ Message = Mapping[str, Any]
 """A chat message: ``{"role": "user" | "system" | "assistant", "content": "..."}``."""
 
 
-class ProviderType(str, enum.Enum):
+class ProviderType(enum.StrEnum):
     """Which API a :class:`~nagents_frames.Provider` speaks.
 
     >>> ProviderType("openai_compatible") is ProviderType.OPENAI_COMPATIBLE
@@ -45,11 +45,8 @@ class ProviderType(str, enum.Enum):
     GEMINI_NATIVE = "gemini_native"
     LOCAL = "local"
 
-    def __str__(self) -> str:
-        return self.value
 
-
-class BatchStatus(str, enum.Enum):
+class BatchStatus(enum.StrEnum):
     """The life of a job: pending → processing → completed | failed | cancelled.
 
     The values are the lowercase strings of the nagents documentation, so both
@@ -66,9 +63,6 @@ class BatchStatus(str, enum.Enum):
     def is_terminal(self) -> bool:
         """True for completed, failed and cancelled."""
         return self in (BatchStatus.COMPLETED, BatchStatus.FAILED, BatchStatus.CANCELLED)
-
-    def __str__(self) -> str:
-        return self.value
 
 
 @dataclass(frozen=True, slots=True)
@@ -227,3 +221,9 @@ class BatchJob:
     def pending(self) -> int:
         """Requests still without a final result."""
         return max(self.total - self.done, 0)
+
+    def _repr_html_(self) -> str:
+        # Notebook display lives in display.py, imported only when a notebook asks for it.
+        from nagents_frames.display import job_html
+
+        return job_html(self)

@@ -18,6 +18,7 @@ Run it as a process: ``python -m nagents_frames.testing --port 8000 --latency 0.
 
 from __future__ import annotations
 
+from nagents_frames.testing._openai_batch import batch_stats, configure_batches
 from nagents_frames.testing._server import FakeLLMServer, ServerBehavior, ServerStats, answer_for
 
-__all__ = ["FakeLLMServer", "ServerBehavior", "ServerStats", "answer_for"]
+__all__ = ["FakeLLMServer", "ServerBehavior", "ServerStats", "answer_for", "batch_stats", "configure_batches"]

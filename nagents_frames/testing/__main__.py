@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import sys
 from dataclasses import fields
@@ -37,10 +38,8 @@ def main(argv: list[str] | None = None) -> int:
         await loop.run_in_executor(None, sys.stdin.read)
         await server.astop()
 
-    try:
+    with contextlib.suppress(KeyboardInterrupt):
         asyncio.run(serve())
-    except KeyboardInterrupt:
-        pass
     return 0
 
 

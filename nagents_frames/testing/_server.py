@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import json
 import random
 import socket
@@ -11,7 +12,7 @@ import threading
 import time
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field, fields
-from typing import Any
+from typing import Any, ClassVar
 
 from aiohttp import web
 
@@ -44,7 +45,16 @@ class ServerBehavior:
         api_key: when set, requests without this key get 401.
         models: when set, other model names get 404.
         echo_prefix: the answer is ``echo_prefix + last user message``.
-        burst_429: the next N requests get 429 (a storm), then normal service resumes.
+        burst_429: the next N requests get ``burst_status`` (429: a storm; 503: an outage), then normal
+            service resumes; ``retry_after`` is sent with them when set.
+        burst_status: the status of ``burst_429`` and ``storm_seconds`` answers.
+        storm_seconds: for this many seconds from when it is set, every request gets ``burst_status``
+            (with ``retry_after`` when set): a time-bound 429 storm or 503 outage.
+        rate_limit_headers: send ``x-ratelimit-*`` headers with ``rpm_limit`` (off: the client only sees 429s).
+        retry_after_on_limit: send ``retry-after`` with the 429s of ``rpm_limit``.
+
+    >>> ServerBehavior(error_rate=0.2).error_status
+    500
     """
 
     latency: float = 0.0
@@ -67,11 +77,20 @@ class ServerBehavior:
     models: frozenset[str] | None = None
     echo_prefix: str = "echo: "
     burst_429: int = 0
+    burst_status: int = 429
+    storm_seconds: float = 0.0
+    rate_limit_headers: bool = True
+    retry_after_on_limit: bool = True
 
 
 @dataclass
 class ServerStats:
-    """What the server saw. ``prompts`` counts requests per last user message (attempts included)."""
+    """What the server saw. ``prompts`` counts requests per last user message (attempts included);
+    ``arrivals`` are ``time.monotonic()`` stamps of every request, in arrival order.
+
+    >>> ServerStats(arrivals=[0.0, 0.1, 0.2, 5.0]).max_rate(window=1.0)
+    3
+    """
 
     requests: int = 0
     answered: int = 0
@@ -86,7 +105,7 @@ class ServerStats:
     keep_bodies: bool = True
 
     def max_rate(self, window: float = 60.0) -> int:
-        """The most requests that arrived within any ``window`` seconds."""
+        """The most requests that arrived within any ``window`` seconds (a closed interval)."""
         best = 0
         start = 0
         times = sorted(self.arrivals)
@@ -144,9 +163,10 @@ class FakeLLMServer:
     True
     """
 
-    _extensions: list[Callable[[FakeLLMServer, web.Application], None]] = []
+    _extensions: ClassVar[list[Callable[[FakeLLMServer, web.Application], None]]] = []
 
     def __init__(self, *, port: int = 0, seed: int = 0, **behavior: Any) -> None:
+        self._storm_until = 0.0
         self.behavior = ServerBehavior()
         self.configure(**behavior)
         self.stats = ServerStats()
@@ -158,6 +178,7 @@ class FakeLLMServer:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._stopping: asyncio.Event | None = None
         self._window: collections.deque[float] = collections.deque()
+        self._hangs_released: asyncio.Event | None = None
         self._attempts: collections.Counter[str] = collections.Counter()
         self.state: dict[str, Any] = {}
         """Room for route modules (batch endpoints) to keep their data."""
@@ -172,6 +193,8 @@ class FakeLLMServer:
                 raise TypeError(f"unknown server knob {name!r}; known: {', '.join(sorted(known))}")
             if name == "models" and value is not None:
                 value = frozenset(value)
+            if name == "storm_seconds":
+                self._storm_until = time.monotonic() + float(value or 0.0)
             setattr(self.behavior, name, value)
         return self
 
@@ -218,7 +241,9 @@ class FakeLLMServer:
         sock.listen(1024)
         sock.setblocking(False)
         self.port = sock.getsockname()[1]
-        self._runner = web.AppRunner(self._app(), access_log=None, handle_signals=False)
+        self._hangs_released = asyncio.Event()
+        # hung and slow handlers must not hold a test's teardown for aiohttp's default minute
+        self._runner = web.AppRunner(self._app(), access_log=None, handle_signals=False, shutdown_timeout=1.0)
         await self._runner.setup()
         site = web.SockSite(self._runner, sock, backlog=1024)
         await site.start()
@@ -226,6 +251,8 @@ class FakeLLMServer:
 
     async def astop(self) -> None:
         """Stop serving (in the loop that started it)."""
+        if self._hangs_released is not None:
+            self._hangs_released.set()
         if self._runner is not None:
             await self._runner.cleanup()
             self._runner = None
@@ -318,18 +345,21 @@ class FakeLLMServer:
                     window.popleft()
                 remaining = b.rpm_limit - len(window)
                 reset = 60.0 - (now - window[0]) if window else 0.0
-                headers["x-ratelimit-limit-requests"] = str(b.rpm_limit)
-                headers["x-ratelimit-remaining-requests"] = str(max(remaining - 1, 0))
-                headers["x-ratelimit-reset-requests"] = f"{reset:.3f}s"
+                if b.rate_limit_headers:
+                    headers["x-ratelimit-limit-requests"] = str(b.rpm_limit)
+                    headers["x-ratelimit-remaining-requests"] = str(max(remaining - 1, 0))
+                    headers["x-ratelimit-reset-requests"] = f"{reset:.3f}s"
                 if remaining <= 0:
-                    headers["retry-after"] = f"{max(reset, 0.05):.3f}"
+                    if b.retry_after_on_limit:
+                        headers["retry-after"] = f"{max(reset, 0.05):.3f}"
                     return self._count(error(429, "Rate limit reached for requests", headers))
                 window.append(now)
-            if b.burst_429 > 0:
-                b.burst_429 -= 1
+            if b.burst_429 > 0 or now < self._storm_until:
+                if b.burst_429 > 0:
+                    b.burst_429 -= 1
                 if b.retry_after is not None:
                     headers["retry-after"] = f"{b.retry_after:g}"
-                return self._count(error(429, "Rate limit reached (burst)", headers))
+                return self._count(error(b.burst_status, f"burst of {b.burst_status} answers", headers))
             for needle, status in b.error_on_content.items():
                 if needle in prompt:
                     return self._count(error(status, f"content rule {needle!r} answered {status}", headers))
@@ -341,7 +371,13 @@ class FakeLLMServer:
             if b.latency or b.latency_jitter:
                 await asyncio.sleep(b.latency + (rng.random() * b.latency_jitter if b.latency_jitter else 0.0))
             if b.hang_rate and rng.random() < b.hang_rate:
-                await asyncio.sleep(3600)
+                # hang until the client gives up (then drop), or until the server stops
+                released = self._hangs_released
+                if released is not None:
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(released.wait(), 3600)
+                self._drop(request)
+                return self._count(web.Response(status=599))
             if b.rate_limit_rate and rng.random() < b.rate_limit_rate:
                 if b.retry_after is not None:
                     headers["retry-after"] = f"{b.retry_after:g}"
@@ -393,10 +429,13 @@ class FakeLLMServer:
         await response.prepare(request)
         pieces = 4
         step = max(1, len(body) // pieces)
-        for start in range(0, len(body), step):
-            await asyncio.sleep(self.behavior.slow_body / pieces)
-            await response.write(body[start : start + step])
-        await response.write_eof()
+        try:
+            for start in range(0, len(body), step):
+                await asyncio.sleep(self.behavior.slow_body / pieces)
+                await response.write(body[start : start + step])
+            await response.write_eof()
+        except ConnectionError:
+            pass  # the client gave up (its timeout) while the body was dribbling out
         return response
 
     async def read_json(self, request: web.Request) -> Any:
