@@ -133,7 +133,11 @@ class RetryPolicy:
 
 @dataclass(frozen=True, slots=True)
 class Timeouts:
-    """Connect timeout and total time per request attempt, in seconds."""
+    """Connect timeout and total time per request attempt, in seconds.
+
+    >>> Timeouts(connect=5, request=60).request
+    60
+    """
 
     connect: float = 10.0
     request: float = 300.0
@@ -150,6 +154,9 @@ class PreparedRequest:
     ``index`` is the row's position in its table or job, ``key`` a content hash of what is sent
     (model, messages, parameters): identical keys within one run are sent once. ``error`` marks a row
     that cannot be sent at all (no usable prompt); it becomes the row's outcome without a request.
+
+    >>> PreparedRequest(0, "req-1", "k", ({"role": "user", "content": "hi"},)).request_id
+    'req-1'
     """
 
     index: int
@@ -163,7 +170,11 @@ class PreparedRequest:
 @dataclass(frozen=True, slots=True)
 class Outcome:
     """The final result of one request. ``attempts == 0`` means no request was sent for this row
-    (its answer was shared from an identical request, or the row could not be sent)."""
+    (its answer was shared from an identical request, or the row could not be sent).
+
+    >>> Outcome(response="ok", attempts=1).shared().attempts
+    0
+    """
 
     response: str | None = None
     error: str | None = None

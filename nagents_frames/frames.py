@@ -515,13 +515,17 @@ async def astream_complete(
     if store is not None:
         from nagents_frames.manager import stream_with_store
 
-        async for batch in stream_with_store(
-            source, plan, options, store=store, job_name=job_name, input_fingerprint=input_fingerprint,
-            on_outcome=on_outcome,
-        ):
-            if options.response_format is not None:
-                batch = options.response_format.convert_batch(batch, options.response_column)
-            yield batch
+        # aclosing: a caller that stops early marks the job cancelled at once, not at garbage collection
+        async with contextlib.aclosing(
+            stream_with_store(
+                source, plan, options, store=store, job_name=job_name, input_fingerprint=input_fingerprint,
+                on_outcome=on_outcome,
+            )
+        ) as stored:
+            async for batch in stored:
+                if options.response_format is not None:
+                    batch = options.response_format.convert_batch(batch, options.response_column)
+                yield batch
         return
     pending: collections.deque[pa.RecordBatch] = collections.deque()
 

@@ -227,14 +227,28 @@ def open_input(
         fmt = kinds.pop()
     try:
         if fmt is InputFormat.PARQUET:
-            schema = pq.read_schema(paths[0])
-            num_rows: int | None = sum(pq.ParquetFile(p).metadata.num_rows for p in paths)
+            files = [pq.ParquetFile(p) for p in paths]
+            schema = _fill_null_types(files[0].schema_arrow, [f.schema_arrow for f in files[1:]])
+            num_rows: int | None = sum(f.metadata.num_rows for f in files)
         else:
             schema = _first_schema(paths[0], fmt)
             num_rows = None
     except (pa.ArrowException, OSError) as exc:
         raise ConfigurationError(f"cannot read {str(paths[0])!r} as {fmt.value}: {_one_line(exc)}") from None
     return InputSource(tuple(paths), fmt, schema, num_rows)
+
+
+def _fill_null_types(schema: pa.Schema, others: Sequence[pa.Schema]) -> pa.Schema:
+    """The first file's columns rule, but a column it only knows as null (an empty file written from
+    Python lists) takes its type from the first later file that has a real one."""
+    fields = list(schema)
+    for i, field in enumerate(fields):
+        if pa.types.is_null(field.type):
+            for other in others:
+                if field.name in other.names and not pa.types.is_null(other.field(field.name).type):
+                    fields[i] = field.with_type(other.field(field.name).type)
+                    break
+    return pa.schema(fields, metadata=schema.metadata)
 
 
 def _first_schema(path: Path, fmt: InputFormat) -> pa.Schema:

@@ -556,6 +556,7 @@ class BatchManager:
         when requests without any result remain: :meth:`resume` sends those).
         """
         store = await self._ready()
+        await self._settled(job_id)
         record = await store.get_job(job_id)
         if not record.status.is_terminal:
             raise JobNotFinishedError(f"job {job_id} is {record.status.value}; retry_failed needs a finished job")
@@ -576,6 +577,7 @@ class BatchManager:
         Raises :class:`~nagents_frames.errors.JobError` when the job is running in a live process.
         """
         store = await self._ready()
+        await self._settled(job_id)
         run = self._runs.get(job_id)
         if run is not None and not run.done.is_set():
             return await self.get_job(job_id)
@@ -608,6 +610,13 @@ class BatchManager:
             with contextlib.suppress(JobError):
                 resumed.append(await self.resume(record.id))
         return resumed
+
+    async def _settled(self, job_id: str) -> None:
+        """Let a cancelled run of this manager finish writing and recording its end before the job is taken
+        up again (otherwise its last words would overwrite the new run's status)."""
+        run = self._runs.get(job_id)
+        if run is not None and run.cancelled and not run.done.is_set():
+            await run.done.wait()
 
     def _start(self, job_id: str, *, errors_only: bool, otherwise: BatchStatus | None) -> None:
         run = _Run(job_id)

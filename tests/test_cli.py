@@ -602,3 +602,241 @@ def test_cli_import_stays_light() -> None:
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=_env(), timeout=60,
                           check=True)
     assert proc.stdout.strip() == "[]"
+
+
+# --- native batch mode, reports, Ray ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("kind", ["openai", "anthropic"])
+def test_native_mode_runs_through_the_batch_api(kind: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from nagents_frames.testing import batch_stats, configure_batches
+
+    source = tmp_path / "docs.parquet"
+    pq.write_table(pa.table({"doc": ["d0", "d1", "d2", "d3", "d4"], "text": ["a", "b", None, "d", "boom"]}), source)
+    out, store = tmp_path / "out.parquet", tmp_path / "jobs.duckdb"
+    with FakeLLMServer(error_on_content={"boom": 500}) as server:
+        configure_batches(server, in_progress_polls=2, finalizing_polls=1)  # results come back shuffled
+        proc = run_cli("run", source, out, "--provider", kind, "--model", "echo", "--base-url", server.base_url,
+                       "--prompt", "Say {text}", "--id-column", "doc", "--mode", "native", "--poll-interval", "0.02",
+                       "--store", store, "--json", env=_env(OPENAI_API_KEY="sk-t", ANTHROPIC_API_KEY="sk-t"))
+        stats = batch_stats(server)
+        realtime = [p for p in server.stats.paths if p.endswith(("/chat/completions", "/messages"))]
+        assert not realtime, "nothing may go through the real-time endpoints"
+    assert proc.returncode == 0, proc.stderr
+    evs = events(proc.stdout)
+    job = next(e for e in evs if e["event"] == "job")
+    done = evs[-1]
+    assert job["mode"] == "native" and job["requests"] == 4  # the row without a prompt is never sent
+    assert done["event"] == "done" and done["job_id"] == job["id"] and done["status"] == "completed"
+    assert done["rows"] == 5 and done["errors"] == 2
+    assert len(stats.created) == 1 and stats.requests_per_batch == [4] and stats.polls >= 3
+    assert [b.kind for b in stats.batches.values()] == [kind]  # the API of the chosen provider
+    table = pq.read_table(out)
+    assert table.column_names == ["doc", "text", "response", "error"]
+    rows = table.to_pylist()
+    assert [r["doc"] for r in rows] == ["d0", "d1", "d2", "d3", "d4"]  # input order, not the provider's
+    assert [r["response"] for r in rows[:2]] == ["echo: Say a", "echo: Say b"] and rows[3]["response"] == "echo: Say d"
+    assert rows[2]["response"] is None and rows[2]["error"].startswith("PromptError")
+    assert rows[4]["response"] is None and rows[4]["error"] is not None
+    # the job is an ordinary job of the store: native mode, row i is request i, ids from --id-column
+    assert main(["status", job["id"], "--store", str(store), "--json"]) == 0
+    status = events(capsys.readouterr().out)[0]
+    assert status["status"] == "completed" and status["total"] == 5
+    assert status["succeeded"] == 3 and status["failed"] == 2  # the server error and the row without a prompt
+    assert main(["sql", "--store", str(store), "--format", "json",
+                 f"select j.mode, r.row_index, r.request_id, r.error_type from jobs j join results r on "
+                 f"r.job_id = j.id where j.id = '{job['id']}' order by r.row_index"]) == 0
+    stored = events(capsys.readouterr().out)
+    assert [(r["mode"], r["row_index"], r["request_id"]) for r in stored] == [
+        ("native", i, f"d{i}") for i in range(5)]
+    assert stored[2]["error_type"] == "PromptError" and stored[0]["error_type"] is None
+
+
+def test_native_mode_without_store_and_auth_failure(reviews: Path, tmp_path: Path) -> None:
+    out = tmp_path / "out.parquet"
+    with FakeLLMServer(api_key="sk-right") as server:
+        base = ["run", reviews, out, "--model", "echo", "--base-url", server.base_url, "--prompt", "{review}",
+                "--mode", "native", "--poll-interval", "0.02"]
+        good = run_cli(*base, env=_env(OPENAI_API_KEY="sk-right"))
+        assert good.returncode == 0, good.stderr
+        assert pq.read_table(out).column("response").to_pylist() == ["echo: good", "echo: bad", None, "echo: fine"]
+        out.unlink()
+        bad = run_cli(*base, env=_env(OPENAI_API_KEY="sk-wrong"))
+    assert bad.returncode == ExitCode.FAILED
+    assert bad.stderr.strip().splitlines()[-1].startswith("nagents-frames: error: ") and "sk-wrong" not in bad.stderr
+    assert not out.exists()
+
+
+def _start_native(source: Path, out: Path, server: FakeLLMServer, *extra: str | Path) -> tuple[subprocess.Popen[str], str]:
+    """Start ``run --mode native`` and return the process and its job id, once the provider has the batch."""
+    from nagents_frames.testing import batch_stats
+
+    proc = subprocess.Popen(
+        [str(CLI), "run", str(source), str(out), "--model", "echo", "--base-url", server.base_url, "--prompt",
+         "{review}", "--mode", "native", "--poll-interval", "0.02", "--json", *map(str, extra)],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env(OPENAI_API_KEY="sk-t"),
+    )
+    assert proc.stdout is not None
+    job = None
+    for line in proc.stdout:  # bounded: the process prints "start", then "job" (or fails and closes stdout)
+        event = json.loads(line)
+        if event["event"] == "job":
+            job = event["id"]
+            break
+    assert job is not None, proc.communicate(timeout=30)
+    for _ in range(400):  # at most ~20 s: the batch is polled every 20 ms
+        if batch_stats(server).polls >= 2:
+            break
+        time.sleep(0.05)
+    assert batch_stats(server).polls >= 2
+    return proc, job
+
+
+def test_native_interrupt_then_resume_polls_the_same_batch(reviews: Path, tmp_path: Path,
+                                                           capsys: pytest.CaptureFixture[str]) -> None:
+    from nagents_frames.testing import batch_stats, configure_batches
+
+    out, store = tmp_path / "out.parquet", tmp_path / "jobs.duckdb"
+    with FakeLLMServer() as server:
+        sim = configure_batches(server, in_progress_polls=10**6)  # never finishes until we say so
+        proc, job_id = _start_native(reviews, out, server, "--store", store)
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=60)
+        assert proc.returncode == ExitCode.INTERRUPTED, err
+        assert not out.exists() and f"nagents-frames resume {job_id} --store {store}" in err
+        assert len(sim.created) == 1 and sim.cancels == 0  # the batch keeps running at the provider
+        sim.in_progress_polls = 1
+        resumed = run_cli("resume", job_id, "--store", store, "--base-url", server.base_url, "--poll-interval",
+                          "0.02", "--json", env=_env(OPENAI_API_KEY="sk-t"))
+        assert resumed.returncode == 0, resumed.stderr
+        assert events(resumed.stdout)[-1] == {"event": "resume", "id": job_id, "status": "completed", "total": 4,
+                                              "succeeded": 3, "failed": 1}
+        assert len(batch_stats(server).created) == 1, "resume polls the batch it has, it creates none"
+    assert main(["results", job_id, "-o", str(tmp_path / "res.parquet"), "--store", str(store)]) == 0
+    res = pq.read_table(tmp_path / "res.parquet").sort_by("row_index")
+    assert res.column("response").to_pylist() == ["echo: good", "echo: bad", None, "echo: fine"]
+
+
+def test_native_interrupt_without_store_cancels_the_batch(reviews: Path, tmp_path: Path) -> None:
+    from nagents_frames.testing import configure_batches
+
+    with FakeLLMServer() as server:
+        sim = configure_batches(server, in_progress_polls=10**6)
+        proc, _ = _start_native(reviews, tmp_path / "out.parquet", server)
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=60)
+        assert proc.returncode == ExitCode.INTERRUPTED, err
+        # no store remembers the batch, so nobody could collect it: it is cancelled at the provider
+        assert len(sim.created) == 1 and sim.cancels == 1
+    assert not (tmp_path / "out.parquet").exists()
+
+
+@pytest.mark.parametrize(("args", "needle"), [
+    (["--poll-interval", "1"], "--poll-interval only applies with --mode native"),
+    (["--mode", "native", "--poll-interval", "0"], "positive number"),
+    (["--mode", "batch"], "invalid choice"),
+    (["--address", "auto"], "only apply with --engine ray"),
+    (["--num-actors", "2"], "only apply with --engine ray"),
+    (["--engine", "ray", "--mode", "native"], "does not combine with --engine ray"),
+    (["--engine", "ray", "--num-actors", "0"], "must be a positive integer"),
+    (["--mode", "native", "--response-format", "{schema}"], "not supported with --mode native"),
+])
+def test_mode_and_engine_flag_errors(srv: FakeLLMServer, reviews: Path, tmp_path: Path, args: list[str],
+                                     needle: str, capsys: pytest.CaptureFixture[str]) -> None:
+    schema = tmp_path / "schema.json"
+    schema.write_text(json.dumps({"type": "object", "properties": {"label": {"type": "string"}}}))
+    argv = ["run", str(reviews), str(tmp_path / "out.parquet"), "--model", "echo", "--prompt", "{review}",
+            "--base-url", srv.base_url, *[str(schema) if a == "{schema}" else a for a in args]]
+    code = main(argv)
+    err = capsys.readouterr().err
+    assert code == ExitCode.USAGE
+    assert len(err.strip().splitlines()) == 1 and needle in err, err
+    assert srv.stats.requests == 0 and not (tmp_path / "out.parquet").exists()
+
+
+def test_run_reports_the_job_id_and_report_draws_it(srv: FakeLLMServer, reviews: Path, tmp_path: Path,
+                                                    capsys: pytest.CaptureFixture[str]) -> None:
+    store = tmp_path / "jobs.duckdb"
+    argv = ["run", reviews, tmp_path / "out.parquet", "--model", "echo", "--base-url", srv.base_url,
+            "--prompt", "{review}", "--store", store]
+    human = run_cli(*argv)
+    assert human.returncode == 0, human.stderr
+    machine = run_cli(*argv, "--json")  # the same command again: the same (resumed) job
+    done = events(machine.stdout)[-1]
+    job_id = done["job_id"]
+    assert job_id.startswith("stream_") and f"job {job_id} in {store}" in human.stderr
+    listed = events(run_cli("jobs", "--store", store, "--json").stdout)
+    assert [j["id"] for j in listed] == [job_id]
+
+    html, png = tmp_path / "report.html", tmp_path / "report.png"
+    procs = run_many(["report", job_id, "-o", html, "--store", store],
+                     ["report", job_id, "-o", png, "--store", store, "--json"])
+    assert [p.returncode for p in procs] == [0, 0], [p.stderr for p in procs]
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 1000
+    page = html.read_text(encoding="utf-8")
+    assert "<img" in page and "data:image/png;base64," in page and job_id in page
+    assert events(procs[1].stdout) == [{"event": "report", "id": job_id, "output": str(png),
+                                        "bytes": png.stat().st_size}]
+
+    assert main(["report", "no_such_job", "-o", str(tmp_path / "x.png"), "--store", str(store)]) == ExitCode.NOT_FOUND
+    assert "no_such_job" in capsys.readouterr().err
+    assert main(["report", job_id, "-o", str(tmp_path / "x.pdf"), "--store", str(store)]) == ExitCode.USAGE
+    assert ".html or .png" in capsys.readouterr().err
+    assert main(["report", job_id, "-o", str(tmp_path / "x.png")]) == ExitCode.USAGE
+    assert "--store PATH is required" in capsys.readouterr().err
+    assert not (tmp_path / "x.png").exists() and not (tmp_path / "x.pdf").exists()
+
+
+@pytest.mark.parametrize(("args", "needle"), [
+    (["{missing}", "{out_dir}"], "missing.parquet"),
+    (["{reviews}", "{out_dir}", "--prompt", "{nope}"], "nope"),
+    (["{csv}", "{out_dir}"], "Parquet only"),
+    (["{reviews}", "{reviews}"], "is a file"),
+])
+def test_ray_engine_checks_before_starting_a_cluster(reviews: Path, tmp_path: Path, args: list[str], needle: str,
+                                                     capsys: pytest.CaptureFixture[str]) -> None:
+    (tmp_path / "in.csv").write_text("review\ngood\n")
+    subst = {"{missing}": tmp_path / "missing.parquet", "{out_dir}": tmp_path / "out", "{reviews}": reviews,
+             "{csv}": tmp_path / "in.csv"}
+    argv = ["run", *[str(subst.get(a, a)) for a in args], "--engine", "ray", "--model", "echo",
+            "--base-url", "http://127.0.0.1:9/v1"]
+    if "--prompt" not in argv:
+        argv += ["--prompt", "{review}"]
+    assert main(argv) == ExitCode.USAGE
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and needle in err, err
+    assert not (tmp_path / "out").exists()
+
+
+def test_ray_engine_parquet_in_directory_out(tmp_path: Path) -> None:
+    pytest.importorskip("ray", reason="the ray extra: pip install nagents-frames[ray]")
+    source = tmp_path / "in.parquet"
+    n = 45
+    pq.write_table(pa.table({"n": list(range(n)), "text": [None if i % 9 == 4 else f"t{i}" for i in range(n)]}),
+                   source, row_group_size=20)
+    out, store = tmp_path / "out", tmp_path / "jobs.duckdb"
+    with FakeLLMServer() as server:
+        # a local cluster of 2 CPUs started by the command itself; no usage stats, no dashboard
+        proc = run_cli("run", source, out, "--engine", "ray", "--local-cpus", "2", "--num-actors", "2",
+                       "--rows-per-file", "20", "--chunk-size", "10", "--model", "echo", "--base-url",
+                       server.base_url, "--prompt", "Say {text}", "--store", store, "--json",
+                       env=_env(RAY_USAGE_STATS_ENABLED="0"), timeout=180)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    evs = events(proc.stdout)
+    done = evs[-1]
+    assert done["event"] == "done" and done["engine"] == "ray" and done["rows"] == n and done["errors"] == 5
+    assert done["job_id"] and Path(done["output"]) == out.resolve() and done["files"] == 3
+    assert sum(1 for e in evs if e["event"] == "progress") == 3
+    parts = sorted(out.glob("part-*.parquet"))
+    assert len(parts) == 3
+    table = pa.concat_tables([pq.read_table(p) for p in parts]).sort_by("row_index")
+    assert table.column("n").to_pylist() == list(range(n)) == table.column("row_index").to_pylist()
+    responses = table.column("response").to_pylist()
+    errors = table.column("error").to_pylist()
+    for i in range(n):
+        if i % 9 == 4:
+            assert responses[i] is None and errors[i].startswith("PromptError")
+        else:
+            assert responses[i] == f"echo: Say t{i}" and errors[i] is None
+    status = events(run_cli("status", done["job_id"], "--store", store, "--json").stdout)[0]
+    assert status["status"] == "completed" and status["succeeded"] == n - 5 and status["failed"] == 5

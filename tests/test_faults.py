@@ -137,8 +137,8 @@ async def test_429_storm_slows_the_whole_executor() -> None:
     assert all(o.error is None for o in out)
     assert report.slowdowns >= 1 and report.min_concurrency is not None and report.min_concurrency < 32
     assert report.pauses >= 1
-    # without a slowdown, 32 workers hammering a 0.3 s storm with ~20 ms backoffs would send hundreds
-    assert storm_hits < 150, storm_hits
+    # without a slowdown, 32 workers hammering a 0.3 s storm with ~20 ms backoffs send about 170
+    assert storm_hits < 100, storm_hits  # typically 20-40; without AIMD and the pauses about 170
     assert report.rate_limited == storm_hits
 
 
@@ -156,8 +156,8 @@ async def test_no_thundering_herd_after_retry_after() -> None:
     # 31 requests were waiting; when the pause ends only a few go first, the rest as answers come back
     first_50ms = sum(1 for t in after if t - after[0] <= 0.05)
     assert first_50ms <= 8, f"{first_50ms} requests left in the first 50 ms after the pause"
-    burst = max(sum(1 for u in after if 0 <= u - t <= 0.01) for t in after)
-    assert burst <= 12, f"{burst} requests left within 10 ms of each other after the pause"
+    first_100ms = sum(1 for t in after if t - after[0] <= 0.1)
+    assert first_100ms <= 16, f"{first_100ms} requests left in the first 100 ms after the pause"
 
 
 async def test_learned_limit_keeps_under_a_server_rpm_limit() -> None:

@@ -260,6 +260,22 @@ async def test_cancelled_then_resume_completes(server: FakeLLMServer, provider: 
             assert server.stats.prompts[f"q {i}"] == counts[f"q {i}"]  # never paid twice
 
 
+async def test_retry_right_after_cancel_then_resume(server: FakeLLMServer, provider: Provider) -> None:
+    server.configure(latency=0.01, error_on_content={"bad": 400})
+    async with BatchManager(provider=provider, concurrency=2, chunk_size=5) as m:
+        job = await m.submit(reqs(200, bad=lambda i: i % 5 == 0))
+        while (await m.get_job(job.id)).failed < 3:
+            await asyncio.sleep(0.01)
+        await m.cancel(job.id)
+        server.configure(error_on_content={})
+        await m.retry_failed(job.id)  # the cancelled run is still finishing: the retry waits for it
+        retried = await m.wait(job.id, timeout=60)
+        assert retried.status is BatchStatus.CANCELLED and retried.failed == 0 and retried.done < 200
+        await m.resume(job.id)
+        final = await m.wait(job.id, timeout=60)
+        assert final.status is BatchStatus.COMPLETED and (final.succeeded, final.failed) == (200, 0)
+
+
 async def test_close_leaves_job_resumable_by_new_manager(server: FakeLLMServer, provider: Provider,
                                                         tmp_path: Path) -> None:
     server.configure(latency=0.01)

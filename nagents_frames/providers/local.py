@@ -379,6 +379,9 @@ def _instance(model: str, options: LocalOptions, slot: int) -> _Instance:
 
 
 _log_state: dict[str, Any] = {"callback": None, "verbose": False}
+# ggml's levels (NONE 0, DEBUG 1, INFO 2, WARN 3, ERROR 4, CONT 5); llama.cpp's warnings are notices about its
+# own choices (e.g. "using full-size SWA cache"), so only its errors reach the default WARNING threshold
+_LOG_LEVELS = {2: logging.DEBUG, 3: logging.INFO, 4: logging.WARNING}
 
 
 def _route_runtime_log(verbose: bool) -> None:
@@ -403,7 +406,7 @@ def _route_runtime_log(verbose: bool) -> None:
         if _log_state["verbose"]:
             print(message, end="", flush=True, file=sys.stderr)
         elif message.strip():
-            logger.log(logging.ERROR if level == 3 else logging.DEBUG, message.rstrip())
+            logger.log(_LOG_LEVELS.get(level, logging.DEBUG), message.rstrip())
 
     _log_state["callback"] = forward
     llama_cpp.llama_log_set(forward, ctypes.c_void_p(0))
@@ -533,7 +536,7 @@ class LocalTransport:
             return _error_response(400, str(exc))
         stopped = {"flag": False}
 
-        def keep_going(_ids: Any, _logits: Any) -> bool:
+        def should_stop(_ids: Any, _logits: Any) -> bool:
             if stop.is_set() or time.monotonic() >= deadline:
                 stopped["flag"] = True
                 return True
@@ -541,7 +544,7 @@ class LocalTransport:
 
         from llama_cpp import StoppingCriteriaList
 
-        criteria = StoppingCriteriaList([keep_going])
+        criteria = StoppingCriteriaList([should_stop])
         llama = instance.llama
         try:
             if mode == "chat":

@@ -52,7 +52,7 @@ def parse_chat_completion(payload: Any) -> Completion:
         message = choice["message"]
         content = message.get("content")
         finish = choice.get("finish_reason")
-    except (KeyError, IndexError, TypeError) as exc:
+    except (KeyError, IndexError, TypeError, AttributeError) as exc:
         raise MalformedResponseError(f"chat completion lacks choices[0].message: {exc!r}") from exc
     if finish == "content_filter":
         raise ContentFilteredError("the provider's content filter blocked this answer")
