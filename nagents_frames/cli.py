@@ -39,7 +39,7 @@ import sys
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field, is_dataclass
-from datetime import UTC, date, datetime, timedelta
+from datetime import date, datetime
 from pathlib import Path
 from typing import IO, Any, NoReturn
 
@@ -576,7 +576,12 @@ async def _run(args: argparse.Namespace, cfg: RunConfig, out: _Out) -> int:
     out.event("start", input=[str(p) for p in source.paths], output=str(target), rows_total=source.num_rows,
               model=provider.model, provider=provider.type.value, store=cfg.store)
     ticker = asyncio.create_task(progress.ticker())
-    wall_start = datetime.now(UTC)
+    job_ids: list[str] = []
+
+    def on_job(job_id: str) -> None:
+        job_ids.append(job_id)
+        out.event("job", id=job_id, mode="realtime", store=cfg.store)
+
     try:
         stream = astream_complete(
             source.batches(cfg.batch_rows or source.batch_rows()),
@@ -585,6 +590,7 @@ async def _run(args: argparse.Namespace, cfg: RunConfig, out: _Out) -> int:
             job_name=cfg.job_name,
             input_fingerprint=source.fingerprint() if cfg.store else None,
             on_outcome=progress.on_outcome,
+            on_job=on_job,
         )
         async for batch in stream:
             sink.write(batch)
@@ -600,7 +606,7 @@ async def _run(args: argparse.Namespace, cfg: RunConfig, out: _Out) -> int:
         progress.close()
     snap = progress.counters.snapshot(source.num_rows)
     rows, errors = progress.counters.written, progress.counters.written_errors
-    job_id = await _stream_job_id(cfg, wall_start) if cfg.store else None
+    job_id = job_ids[0] if job_ids else None
     return _finish(cfg, out, path=path, rows=rows, errors=errors, prompt_tokens=snap["prompt_tokens"],
                    completion_tokens=snap["completion_tokens"], elapsed_s=snap["elapsed_s"], job_id=job_id)
 
@@ -623,30 +629,6 @@ def _finish(cfg: RunConfig, out: _Out, *, path: Path | str, rows: int, errors: i
             share = f"over {cfg.fail_on_errors:.1%}" if cfg.fail_on_errors else "some"
             out.say(f"error: {errors:,} of {rows:,} rows have errors ({share}); exit {int(code)}")
     return int(code)
-
-
-async def _stream_job_id(cfg: RunConfig, since: datetime) -> str | None:
-    """The id of the job this run recorded, looked up in the store afterwards.
-
-    ``stream_with_store`` has no hook that hands the id out, so the store is asked for the stream job of
-    this name touched since the run started; when that is not exactly one job (another process writing
-    the same store file at the same time) no id is reported rather than a wrong one.
-    """
-    from nagents_frames.store import BatchStore
-
-    assert cfg.store is not None
-    store = BatchStore(cfg.store, read_only=True)
-    try:
-        await store.initialize()
-        records = await store.list_jobs()
-    except NagentsFramesError:
-        return None  # the answers are written; a missing id is no reason to fail the run
-    finally:
-        await store.close()
-    floor = since - timedelta(seconds=1)  # store clocks are to the microsecond, ours too: small slack only
-    found = [r.id for r in records
-             if r.kind == "stream" and r.name == cfg.job_name and (r.to_job().updated_at or floor) >= floor]
-    return found[0] if len(found) == 1 else None
 
 
 _RAY_FLAGS = ("address", "num_actors", "actor_cpus", "rows_per_file", "local_cpus")

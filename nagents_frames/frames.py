@@ -490,12 +490,14 @@ async def astream_complete(
     job_name: str | None = None,
     input_fingerprint: str | None = None,
     on_outcome: Callable[[Outcome], None] | None = None,
+    on_job: Callable[[str], None] | None = None,
 ) -> AsyncIterator[pa.RecordBatch]:
     """Stream record batches through the model: yields each input batch with the output columns added.
 
     Memory stays bounded by a few chunks whatever the input size (the CLI's Parquet-to-Parquet path).
     With a ``store`` the job is recorded and resumable; ``input_fingerprint`` identifies the input
-    (e.g. file names, sizes and modification times) so that the same run resumes the same job.
+    (e.g. file names, sizes and modification times) so that the same run resumes the same job;
+    ``on_job`` is called with the job id as soon as the job is registered.
 
     >>> # async for batch in astream_complete(reader, options=CompletionOptions(provider=p, prompt="{text}")):
     >>> #     writer.write_batch(batch)
@@ -519,7 +521,7 @@ async def astream_complete(
         async with contextlib.aclosing(
             stream_with_store(
                 source, plan, options, store=store, job_name=job_name, input_fingerprint=input_fingerprint,
-                on_outcome=on_outcome,
+                on_outcome=on_outcome, on_job=on_job,
             )
         ) as stored:
             async for batch in stored:

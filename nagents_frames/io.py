@@ -248,7 +248,7 @@ def _fill_null_types(schema: pa.Schema, others: Sequence[pa.Schema]) -> pa.Schem
                 if field.name in other.names and not pa.types.is_null(other.field(field.name).type):
                     fields[i] = field.with_type(other.field(field.name).type)
                     break
-    return pa.schema(fields, metadata=schema.metadata)
+    return pa.schema(fields, metadata=dict(schema.metadata or {}))  # type: ignore[arg-type]
 
 
 def _first_schema(path: Path, fmt: InputFormat) -> pa.Schema:

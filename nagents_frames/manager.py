@@ -39,7 +39,7 @@ import sys
 import uuid
 from array import array
 from collections import deque
-from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import datetime
 from pathlib import Path
@@ -932,7 +932,8 @@ async def stream_with_store(
     batches: Iterator[pa.RecordBatch], plan: PromptPlan, options: CompletionOptions, *,
     store: BatchStore | str | os.PathLike[str], job_name: str | None, input_fingerprint: str | None,
     on_outcome: Callable[[Outcome], None] | None,
-) -> AsyncIterator[pa.RecordBatch]:
+    on_job: Callable[[str], None] | None = None,
+) -> AsyncGenerator[pa.RecordBatch, None]:
     """Stream record batches through the model, recording the job in ``store``; yields each input batch with
     the output columns of :func:`nagents_frames.frames.outcome_arrays` added. Memory stays bounded.
 
@@ -959,6 +960,8 @@ async def stream_with_store(
         try:
             async with executor as ex:
                 await job.open(ex.cancel)
+                if on_job is not None:
+                    on_job(job.job_id)
                 indices = await bound.result_indices(job.job_id, ok_only=True)
                 done = array("q", [int(i) for i in indices.to_pylist() if i is not None])
                 stored = _StoredWindow(bound, job.job_id, done, span=max(options.chunk_size * 50, 10_000))
