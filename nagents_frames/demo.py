@@ -8,6 +8,7 @@ answers a SQL question about it, and writes the result to Parquet.
 from __future__ import annotations
 
 import argparse
+import asyncio
 import sys
 import time
 from pathlib import Path
@@ -18,20 +19,20 @@ from nagents_frames.frames import batch_complete
 from nagents_frames.providers import Provider
 from nagents_frames.testing import FakeLLMServer
 
-REVIEWS = [
+REVIEWS: list[tuple[str, str | None]] = [
     ("B001", "The battery lasts two days and the screen is bright."),
     ("B002", "Stopped working after a week; support never answered."),
     ("B003", "Decent sound for the price, a little heavy."),
     ("B004", "Exactly as described, arrived early."),
     ("B005", "The lid cracked the first time I dropped it."),
     ("B006", "My kids love it and it survived the beach."),
-    ("B007", ""),
+    ("B007", None),
     ("B008", "Setup took five minutes; the app is clear."),
 ]
 
 
 def sample_table() -> pl.DataFrame:
-    """The demo's input: product reviews (one empty on purpose: it becomes that row's error)."""
+    """The demo's input: product reviews (one missing on purpose: it becomes that row's error)."""
     return pl.DataFrame({"sku": [s for s, _ in REVIEWS], "review": [r for _, r in REVIEWS]})
 
 
@@ -49,7 +50,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.local:
         return _run_local(df, out_dir)
 
-    with FakeLLMServer(latency=0.05, error_on_content={"cracked": 500}) as server:
+    # every first attempt of a prompt fails with a 503 (retried), and one review is refused for good (400)
+    with FakeLLMServer(latency=0.05, fail_first=1, error_on_content={"cracked": 400}) as server:
         provider = Provider(provider_type="openai_compatible", model="echo", base_url=server.base_url)
         store_path = out_dir / "jobs.duckdb"
         started = time.perf_counter()
@@ -77,13 +79,11 @@ def main(argv: list[str] | None = None) -> int:
     if kwargs:
         from nagents_frames.store import BatchStore
 
-        store = BatchStore(store_path)
+        store = BatchStore(store_path, read_only=True)
         try:
             print(store.sql("select id, status, total, succeeded, failed from jobs order by created_at"))
         finally:
-            close = getattr(store, "close", None)
-            if callable(close):
-                close()
+            asyncio.run(store.close())
     if result.height != df.height or answered == 0:
         print("demo failed: rows were lost or nothing was answered", file=sys.stderr)
         return 1
@@ -105,7 +105,7 @@ def _run_local(df: pl.DataFrame, out_dir: Path) -> int:
         ("Review: I love it, works perfectly.\nSentiment:", " positive"),
         ("Review: Broke on day one, waste of money.\nSentiment:", " negative"),
     ]
-    result = df.filter(pl.col("review") != "").pipe(
+    result = df.filter(pl.col("review").is_not_null()).pipe(
         batch_complete,
         provider=provider,
         prompt="Review: {review}\nSentiment:",
