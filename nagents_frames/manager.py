@@ -451,6 +451,10 @@ class BatchManager:
                         await sink.put(outcomes_to_arrow(chunk, outcomes))
             finally:
                 await sink.close()
+                if stopper.task is not None:
+                    # the provider's cancel call must leave before this run (and perhaps the manager) ends
+                    with contextlib.suppress(Exception):
+                        await asyncio.shield(stopper.task)
             if sink.status is BatchStatus.CANCELLED:
                 run.cancelled = True
             stats = getattr(runner, "stats", None)
