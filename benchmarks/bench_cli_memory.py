@@ -25,17 +25,17 @@ Usage: ``python benchmarks/bench_cli_memory.py [--rows N] [--payload-bytes B] [-
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
+
+from nagents_frames.testing import server_process
 
 ROOT = Path(__file__).resolve().parents[1]
 CLI = Path(sys.executable).parent / "nagents-frames"
@@ -61,25 +61,6 @@ def write_input(path: Path, rows: int, payload_bytes: int, distinct: int) -> int
             nbytes += table.nbytes
             writer.write_table(table)
     return nbytes
-
-
-@contextlib.contextmanager
-def fake_server() -> Iterator[str]:
-    """The fake server in its own process; yields its base URL."""
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "nagents_frames.testing", "--no-bodies"],
-        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, cwd=ROOT,
-    )
-    try:
-        assert proc.stdout is not None
-        yield json.loads(proc.stdout.readline())["base_url"]
-    finally:
-        if proc.stdin:
-            proc.stdin.close()
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
 
 
 # The kernel carries the launching process's peak RSS over into a child's ru_maxrss at exec time, so a
@@ -113,7 +94,7 @@ def measure(rows: int, payload_bytes: int, distinct: int, workdir: Path) -> dict
     src = workdir / "in.parquet"
     dst = workdir / "out.parquet"
     in_memory = write_input(src, rows, payload_bytes, distinct)
-    with fake_server() as base_url:
+    with server_process() as base_url:
         code, cli_peak, seconds, stdout = peak_rss_mb(
             [str(CLI), "run", str(src), str(dst), "--model", "echo", "--base-url", base_url, "--prompt",
              "Classify: {text}", "--json", "--progress-interval", "5"]

@@ -20,14 +20,11 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import subprocess
 import sys
 import tempfile
 import time
 import tracemalloc
 import uuid
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 import aiohttp
@@ -37,27 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from nagents_frames import Provider
 from nagents_frames.executor import PreparedRequest
 from nagents_frames.native_batch import NativeBatchRunner
-
-
-@contextmanager
-def fake_server() -> Iterator[str]:
-    """The fake server in a subprocess; yields its base URL."""
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "nagents_frames.testing", "--no-bodies"],
-        stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE,
-        text=True,
-    )
-    try:
-        assert proc.stdout is not None
-        yield str(json.loads(proc.stdout.readline())["base_url"])
-    finally:
-        if proc.stdin:
-            proc.stdin.close()
-        try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+from nagents_frames.testing import server_process
 
 
 def requests_for(n: int) -> list[PreparedRequest]:
@@ -124,7 +101,7 @@ async def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     args = parser.parse_args()
     requests = requests_for(min(args.n, 50_000))
-    with fake_server() as base_url:
+    with server_process() as base_url:
         bare_rates, native_rates = [], []
         for _ in range(args.rounds):
             bare_rates.append(await bare_openai(base_url, requests))

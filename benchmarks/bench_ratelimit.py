@@ -24,8 +24,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -33,30 +31,7 @@ from typing import Any
 from nagents_frames import Provider
 from nagents_frames.executor import Executor, PreparedRequest, RetryPolicy
 from nagents_frames.ratelimit import RateLimiter
-
-
-def start_server(rpm_limit: int) -> tuple[subprocess.Popen[str], str]:
-    """The fake server in its own process; returns it and its base URL."""
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "nagents_frames.testing", "--rpm-limit", str(rpm_limit), "--no-bodies"],
-        stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE,
-        text=True,
-    )
-    assert proc.stdout is not None
-    line = proc.stdout.readline()
-    return proc, json.loads(line)["base_url"]
-
-
-def stop_server(proc: subprocess.Popen[str]) -> None:
-    """Close its stdin (it stops serving) and wait for it."""
-    if proc.stdin is not None:
-        proc.stdin.close()
-    try:
-        proc.wait(10)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait(10)
+from nagents_frames.testing import server_process
 
 
 def endless(tag: str, chunk: int = 50) -> Iterator[list[PreparedRequest]]:
@@ -144,11 +119,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     ok = True
     for name in args.scenarios.split(","):
-        proc, base_url = start_server(args.rpm)
-        try:
+        with server_process(rpm_limit=args.rpm) as base_url:
             result = asyncio.run(run_scenario(name.strip(), base_url, args.rpm, args.seconds, args.concurrency))
-        finally:
-            stop_server(proc)
         result["meets_targets"] = result["throughput_over_R"] >= 0.9 and result["share_429"] < 0.02
         ok = ok and (result["meets_targets"] or name.strip() == "reactive")
         print(json.dumps(result), flush=True)

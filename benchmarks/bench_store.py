@@ -16,14 +16,11 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import json
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pyarrow as pa
@@ -33,25 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from nagents_frames import BatchStatus, Provider, batch_complete
 from nagents_frames.executor import Outcome, PreparedRequest, outcomes_to_arrow
 from nagents_frames.store import REQUEST_SCHEMA, BatchStore, JobRecord
-
-
-@contextlib.contextmanager
-def fake_server(latency: float) -> Iterator[str]:
-    """The fake server in a subprocess; yields its base URL."""
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "nagents_frames.testing", "--latency", str(latency), "--no-bodies"],
-        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
-    )
-    try:
-        assert proc.stdout is not None
-        yield json.loads(proc.stdout.readline())["base_url"]
-    finally:
-        if proc.stdin:
-            proc.stdin.close()
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+from nagents_frames.testing import server_process
 
 
 def overhead(n: int, rounds: int, latency: float, concurrency: int) -> dict[str, float]:
@@ -66,7 +45,7 @@ def overhead(n: int, rounds: int, latency: float, concurrency: int) -> dict[str,
     rates: dict[str, list[float]] = {"without": [], "with": []}
     loop_cpu = {"without": float("inf"), "with": float("inf")}
     proc_cpu = {"without": float("inf"), "with": float("inf")}
-    with fake_server(latency) as base_url, tempfile.TemporaryDirectory() as tmp:
+    with server_process(latency=latency) as base_url, tempfile.TemporaryDirectory() as tmp:
         provider = Provider(provider_type="openai_compatible", model="echo", base_url=base_url)
         for r in range(rounds):
             for side in ("without", "with"):

@@ -15,12 +15,9 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import json
-import subprocess
 import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import aiohttp
@@ -29,28 +26,7 @@ import pyarrow as pa
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from nagents_frames import Provider, batch_complete
-
-
-@contextlib.contextmanager
-def fake_server(latency: float) -> Iterator[str]:
-    """The fake server in a subprocess; yields its base URL."""
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "nagents_frames.testing", "--latency", str(latency), "--no-bodies"],
-        stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE,
-        text=True,
-    )
-    try:
-        assert proc.stdout is not None
-        line = proc.stdout.readline()
-        yield json.loads(line)["base_url"]
-    finally:
-        if proc.stdin:
-            proc.stdin.close()
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+from nagents_frames.testing import server_process
 
 
 async def bare_loop(base_url: str, n: int, concurrency: int) -> float:
@@ -86,7 +62,7 @@ def ours(base_url: str, n: int, concurrency: int) -> float:
 
 
 def scenario(name: str, latency: float, n: int, concurrency: int, rounds: int) -> dict[str, float | str]:
-    with fake_server(latency) as base_url:
+    with server_process(latency=latency) as base_url:
         # warm both paths once (connections, imports)
         ours(base_url, min(n, 500), concurrency)
         asyncio.run(bare_loop(base_url, min(n, 500), concurrency))

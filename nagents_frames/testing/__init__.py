@@ -13,12 +13,14 @@ answers ``"echo: <last user message>"`` unless told to misbehave::
     >>> out["response"].to_list()[0]
     'echo: hi'
 
-Run it as a process: ``python -m nagents_frames.testing --port 8000 --latency 0.2``.
+Run it as a process: ``python -m nagents_frames.testing --port 8000 --latency 0.2``, or from Python with
+``with server_process(latency=0.2) as base_url: ...``.
 """
 
 from __future__ import annotations
 
 from nagents_frames.testing._openai_batch import batch_stats, configure_batches
+from nagents_frames.testing._process import server_process
 from nagents_frames.testing._server import FakeLLMServer, ServerBehavior, ServerStats, answer_for
 
-__all__ = ["FakeLLMServer", "ServerBehavior", "ServerStats", "answer_for", "batch_stats", "configure_batches"]
+__all__ = ["FakeLLMServer", "ServerBehavior", "ServerStats", "answer_for", "batch_stats", "configure_batches", "server_process"]
