@@ -544,14 +544,15 @@ def _peak_rss_mb(argv: list[str], report: Path) -> tuple[int, float, str]:
 
 @pytest.mark.slow
 def test_large_input_streams_with_bounded_memory(tmp_path: Path) -> None:
-    rows, width = 80_000, 6000
+    # a million rows (about 450 MB in memory); 300 distinct prompts, so the run is bound by streaming, not HTTP
+    rows, width = 1_000_000, 420
     src = tmp_path / "big.parquet"
     filler = ("lorem ipsum dolor sit amet " * (width // 27 + 1))[: width - 8]
     in_memory = 0
     schema = pa.schema([("id", pa.int64()), ("text", pa.string()), ("payload", pa.string())])
     with pq.ParquetWriter(src, schema, compression="zstd") as writer:
-        for start in range(0, rows, 40_000):
-            ids = range(start, start + 40_000)
+        for start in range(0, rows, 100_000):
+            ids = range(start, start + 100_000)
             part = pa.table({"id": list(ids), "text": [f"item {i % 300}" for i in ids],
                              "payload": [f"{i:08d}{filler}" for i in ids]}, schema=schema)
             in_memory += part.nbytes
