@@ -489,22 +489,28 @@ class BatchManager:
         store = await self._ready()
         return [r.to_job() for r in await store.list_jobs()]
 
-    async def get_results(self, job_id: str, *, partial: bool = False) -> list[BatchResult]:
+    async def get_results(self, job_id: str, *, partial: bool = False, wait: bool = True) -> list[BatchResult]:
         """The results in submission order.
 
-        A job that has not finished raises :class:`~nagents_frames.errors.JobNotFinishedError` (saying how
-        far it is) unless ``partial=True``; a FAILED job raises :class:`~nagents_frames.errors.JobFailedError`
+        A job that this manager is running is waited for (so ``submit`` then ``get_results`` works, as in
+        the nagents documentation). A job that has not finished and is not running here (another process,
+        or one left to :meth:`resume`), or any unfinished job with ``wait=False``, raises
+        :class:`~nagents_frames.errors.JobNotFinishedError` saying how far it is; ``partial=True`` gives
+        the results so far instead. A FAILED job raises :class:`~nagents_frames.errors.JobFailedError`
         unless ``partial=True``. A CANCELLED job gives the results obtained before the cancel.
         """
         store = await self._ready()
         record = await self.get_job(job_id)
         if not partial:
+            run = self._runs.get(job_id)
+            if wait and not record.status.is_terminal and run is not None and not run.done.is_set():
+                record = await self.wait(job_id)
             if not record.status.is_terminal:
                 done = record.succeeded + record.failed
                 share = 100.0 * done / record.total if record.total else 0.0
                 raise JobNotFinishedError(
                     f"job {job_id} is {record.status.value}: {done} of {record.total} requests have a result "
-                    f"({share:.0f}%); await manager.wait(job_id) first, or ask for get_results(job_id, partial=True)"
+                    f"({share:.0f}%); await manager.wait(job_id) (or resume it) first, or ask for get_results(job_id, partial=True)"
                 )
             if record.status is BatchStatus.FAILED:
                 raise JobFailedError(f"job {job_id} failed: {record.error}; get_results(job_id, partial=True) "

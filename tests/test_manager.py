@@ -59,7 +59,7 @@ async def test_doc_basic_and_error_handling(provider: Provider, capsys: pytest.C
     print(f"Job ID: {job.id}")
     status = await batch_manager.get_status(job.id)
     print(f"Status: {status}")
-    await batch_manager.wait(job.id)
+    # Get results when complete (as written in the documentation: no explicit wait)
     results = await batch_manager.get_results(job.id)
     for result in results:
         print(f"{result.id}: {result.response[:100]}...")
@@ -114,8 +114,11 @@ async def test_doc_persistent_store_survives_restart(provider: Provider, tmp_pat
     store = BatchStore(Path("batches.db"))
     await store.initialize()
     batch_manager = BatchManager(provider=provider, store=store)
+    # Jobs and results are automatically persisted
     job = await batch_manager.submit(requests)
-    await batch_manager.wait(job.id)
+    # as written in the documentation: results straight after submit
+    first = await batch_manager.get_results(job.id)
+    assert [r.response for r in first] == [f"echo: q {i}" for i in range(4)]
     await batch_manager.close()
     await store.close()
     # "Even after restart, you can retrieve results"
@@ -152,7 +155,7 @@ async def test_pending_processing_completed(server: FakeLLMServer, provider: Pro
             await asyncio.sleep(0.01)
         assert await m.get_status(job.id) is BatchStatus.PROCESSING
         with pytest.raises(JobNotFinishedError, match=r"processing: \d+ of 40 requests have a result"):
-            await m.get_results(job.id)
+            await m.get_results(job.id, wait=False)
         done = await m.wait(job.id, timeout=60)
         assert done.status is BatchStatus.COMPLETED and done.succeeded == 40 and done.failed == 0
         assert done.finished_at is not None and done.usage.total_tokens > 0
