@@ -24,7 +24,6 @@ from __future__ import annotations
 import base64
 import contextlib
 import html
-import inspect
 import io
 import math
 import os
@@ -85,10 +84,11 @@ _MUTED_COLOR = "#6d6d6d"
 
 
 class SQLStore(Protocol):
-    """What the report needs of a store (:class:`~nagents_frames.BatchStore` has it): a parameterised query."""
+    """What the report needs of a store (:class:`~nagents_frames.BatchStore` has it); the SQL itself
+    stays in the store."""
 
-    def sql(self, query: str, *, params: Sequence[Any] | None = ..., arrow: bool = ...) -> Any:
-        """Run a read-only query; with ``arrow=True`` return a pyarrow Table."""
+    def report_tables(self, job_id: str) -> tuple[pa.Table, pa.Table]:
+        """The job's row and its result rows, as Arrow."""
         ...
 
 
@@ -342,16 +342,11 @@ def report(
     >>> # rep.save("report.png")
     """
     with _opened(store) as source:
-        jobs = _query(source, "SELECT * FROM jobs WHERE id = ?", [job_id])
-        if jobs.num_rows == 0:
-            raise JobNotFoundError(f"no job with id {job_id!r} in the store")
-        row = {name: jobs.column(name)[0].as_py() for name in jobs.column_names}
-        results = _query(
-            source,
-            "SELECT row_index, error, error_type, status_code, attempts, prompt_tokens, completion_tokens, "
-            "latency_s, completed_at FROM results WHERE job_id = ? ORDER BY row_index",
-            [job_id],
-        )
+        jobs, results = source.report_tables(job_id)
+    if jobs.num_rows == 0:
+        raise JobNotFoundError(f"no job with id {job_id!r} in the store")
+    row = {name: jobs.column(name)[0].as_py() for name in jobs.column_names}
+    results = _to_arrow(results)
     return JobReport(_summary_from_row(row), results, run=_run_from_row(row), prices=prices)
 
 
@@ -394,7 +389,7 @@ def _opened(store: SQLStore | str | os.PathLike[str]) -> Iterator[SQLStore]:
         raise StoreError(f"no store file at {str(store)!r}")
     opened = BatchStore(store, read_only=True)
     try:
-        opened.sql("SELECT 1", arrow=True)
+        opened.report_tables("")  # opens the file now: a lock or a wrong file shows here
     except StoreLockedError:
         run_sync(opened.close())
         raise
@@ -408,16 +403,6 @@ def _opened(store: SQLStore | str | os.PathLike[str]) -> Iterator[SQLStore]:
         yield opened
     finally:
         run_sync(opened.close())
-
-
-def _query(store: SQLStore, query: str, params: Sequence[Any]) -> pa.Table:
-    """Run ``query`` on the store and return Arrow, whatever the store hands back."""
-    out = store.sql(query, params=list(params), arrow=True)
-    if inspect.isawaitable(out):
-        from nagents_frames.frames import run_sync
-
-        out = run_sync(out)
-    return _to_arrow(out)
 
 
 def _to_arrow(data: Any) -> pa.Table:

@@ -529,6 +529,20 @@ class BatchStore:
         assert isinstance(out, pl.DataFrame)
         return out
 
+    def report_tables(self, job_id: str) -> tuple[pa.Table, pa.Table]:
+        """The job's row (all columns of ``jobs``) and the result columns a job report draws, as Arrow.
+
+        Synchronous like :meth:`sql`, so reports render from plain (notebook) code.
+        """
+        job = self.sql("SELECT * FROM jobs WHERE id = ?", params=[job_id], arrow=True)
+        results = self.sql(
+            "SELECT row_index, error, error_type, status_code, attempts, prompt_tokens, completion_tokens, "
+            "latency_s, completed_at FROM results WHERE job_id = ? ORDER BY row_index",
+            params=[job_id], arrow=True,
+        )
+        assert isinstance(job, pa.Table) and isinstance(results, pa.Table)
+        return job, results
+
     # --- jobs -------------------------------------------------------------------------------------------
 
     async def create_job(self, job: JobRecord, requests: pa.Table | None = None) -> None:
