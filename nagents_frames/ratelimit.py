@@ -35,9 +35,8 @@ import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 
-from multidict import CIMultiDict, CIMultiDictProxy
-
 from nagents_frames.errors import ConfigurationError
+from nagents_frames.providers._base import get_header
 from nagents_frames.types import Message
 
 __all__ = ["RateLimitSnapshot", "RateLimiter", "estimate_tokens", "parse_rate_limit_headers"]
@@ -130,44 +129,34 @@ def _int(value: str | None) -> int | None:
     return int(number) if math.isfinite(number) else None
 
 
-def _get(headers: Mapping[str, str], name: str) -> str | None:
-    value = headers.get(name)
-    if value is None and not isinstance(headers, CIMultiDictProxy | CIMultiDict):
-        # plain dicts (tests, in-process runtimes) are not case-insensitive like aiohttp's headers
-        for key, candidate in headers.items():
-            if key.lower() == name:
-                return candidate
-    return value
-
-
 def parse_rate_limit_headers(headers: Mapping[str, str]) -> RateLimitSnapshot | None:
     """Read OpenAI ``x-ratelimit-*`` and Anthropic ``anthropic-ratelimit-*`` headers (``None`` when absent).
 
     >>> parse_rate_limit_headers({"x-ratelimit-remaining-requests": "0", "x-ratelimit-reset-requests": "1.5s"})
     RateLimitSnapshot(remaining_requests=0, remaining_tokens=None, reset_requests_s=1.5, reset_tokens_s=None, limit_requests=None, limit_tokens=None)
     """
-    rr = _get(headers, "x-ratelimit-remaining-requests")
-    rt = _get(headers, "x-ratelimit-remaining-tokens")
+    rr = get_header(headers, "x-ratelimit-remaining-requests")
+    rt = get_header(headers, "x-ratelimit-remaining-tokens")
     if rr is not None or rt is not None:
-        reset_r = _get(headers, "x-ratelimit-reset-requests")
-        reset_t = _get(headers, "x-ratelimit-reset-tokens")
+        reset_r = get_header(headers, "x-ratelimit-reset-requests")
+        reset_t = get_header(headers, "x-ratelimit-reset-tokens")
         return RateLimitSnapshot(
             remaining_requests=_int(rr),
             remaining_tokens=_int(rt),
             reset_requests_s=_parse_duration(reset_r) if reset_r else None,
             reset_tokens_s=_parse_duration(reset_t) if reset_t else None,
-            limit_requests=_int(_get(headers, "x-ratelimit-limit-requests")),
-            limit_tokens=_int(_get(headers, "x-ratelimit-limit-tokens")),
+            limit_requests=_int(get_header(headers, "x-ratelimit-limit-requests")),
+            limit_tokens=_int(get_header(headers, "x-ratelimit-limit-tokens")),
         )
-    ar = _get(headers, "anthropic-ratelimit-requests-remaining")
-    at = _get(headers, "anthropic-ratelimit-tokens-remaining")
+    ar = get_header(headers, "anthropic-ratelimit-requests-remaining")
+    at = get_header(headers, "anthropic-ratelimit-tokens-remaining")
     if at is None:
         # Anthropic also splits tokens into input and output budgets; the tighter one governs
         split = [
             v
             for v in (
-                _int(_get(headers, "anthropic-ratelimit-input-tokens-remaining")),
-                _int(_get(headers, "anthropic-ratelimit-output-tokens-remaining")),
+                _int(get_header(headers, "anthropic-ratelimit-input-tokens-remaining")),
+                _int(get_header(headers, "anthropic-ratelimit-output-tokens-remaining")),
             )
             if v is not None
         ]
@@ -178,13 +167,13 @@ def parse_rate_limit_headers(headers: Mapping[str, str]) -> RateLimitSnapshot | 
     return RateLimitSnapshot(
         remaining_requests=_int(ar),
         remaining_tokens=_int(at),
-        reset_requests_s=_reset_at(_get(headers, "anthropic-ratelimit-requests-reset")),
+        reset_requests_s=_reset_at(get_header(headers, "anthropic-ratelimit-requests-reset")),
         reset_tokens_s=_reset_at(
-            _get(headers, "anthropic-ratelimit-tokens-reset") or _get(headers, "anthropic-ratelimit-input-tokens-reset")
+            get_header(headers, "anthropic-ratelimit-tokens-reset") or get_header(headers, "anthropic-ratelimit-input-tokens-reset")
         ),
-        limit_requests=_int(_get(headers, "anthropic-ratelimit-requests-limit")),
+        limit_requests=_int(get_header(headers, "anthropic-ratelimit-requests-limit")),
         limit_tokens=_int(
-            _get(headers, "anthropic-ratelimit-tokens-limit") or _get(headers, "anthropic-ratelimit-input-tokens-limit")
+            get_header(headers, "anthropic-ratelimit-tokens-limit") or get_header(headers, "anthropic-ratelimit-input-tokens-limit")
         ),
     )
 

@@ -13,6 +13,8 @@ from dataclasses import dataclass
 from datetime import UTC
 from typing import TYPE_CHECKING, Any, Protocol
 
+from multidict import CIMultiDict, CIMultiDictProxy
+
 from nagents_frames.errors import MalformedResponseError, RequestError, error_for_status
 from nagents_frames.types import GenerationParams, Message, Usage
 
@@ -25,6 +27,7 @@ __all__ = [
     "HTTPRequest",
     "RawResponse",
     "decode_json",
+    "get_header",
     "parse_retry_after",
     "status_error",
 ]
@@ -86,13 +89,13 @@ def decode_json(body: bytes) -> Any:
 
 def parse_retry_after(headers: Mapping[str, str]) -> float | None:
     """Seconds to wait from ``retry-after-ms`` / ``retry-after`` (seconds or an HTTP date)."""
-    ms = _header(headers, "retry-after-ms")
+    ms = get_header(headers, "retry-after-ms")
     if ms is not None:
         try:
             return max(float(ms) / 1000.0, 0.0)
         except ValueError:
             pass
-    value = _header(headers, "retry-after")
+    value = get_header(headers, "retry-after")
     if value is None:
         return None
     try:
@@ -111,13 +114,18 @@ def parse_retry_after(headers: Mapping[str, str]) -> float | None:
     return max((when - datetime.now(UTC)).total_seconds(), 0.0)
 
 
-def _header(headers: Mapping[str, str], name: str) -> str | None:
+def get_header(headers: Mapping[str, str], name: str) -> str | None:
+    """A header by lower-case ``name``, case-insensitively also in plain dicts (tests, in-process runtimes).
+
+    aiohttp's headers are already case-insensitive: no scan for them (this runs on every response).
+
+    >>> get_header({"Retry-After": "2"}, "retry-after")
+    '2'
+    """
     value = headers.get(name)
-    if value is None:
-        # plain dicts (tests, in-process runtimes) are not case-insensitive like aiohttp's
-        lowered = name.lower()
+    if value is None and not isinstance(headers, CIMultiDictProxy | CIMultiDict):
         for key, candidate in headers.items():
-            if key.lower() == lowered:
+            if key.lower() == name:
                 return candidate
     return value
 
